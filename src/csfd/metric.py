@@ -43,13 +43,18 @@ def _as_wide(df: pd.DataFrame, what: str) -> pd.DataFrame:
 
 def submission_to_wide(submission: pd.DataFrame) -> pd.DataFrame:
     """Convert row_id/fractured rows into one row per StudyInstanceUID with eight columns."""
-    parts = submission["row_id"].astype(str).str.rsplit("_", n=1, expand=True)
-    if parts.shape[1] != 2 or parts[1].isna().any():
-        raise ScoreInputError("submission: every row_id must look like <StudyInstanceUID>_<C1..C7|patient_overall>")
-    long = pd.DataFrame({"StudyInstanceUID": parts[0], "target": parts[1], "fractured": submission["fractured"]})
-    bad = sorted(set(long["target"]) - set(TARGETS))
-    if bad:
-        raise ScoreInputError(f"submission: unknown prediction type(s) {', '.join(bad)} in row_id")
+    row_ids = submission["row_id"].astype(str)
+    # patient_overall itself contains "_", so match the known suffixes instead of splitting.
+    pattern = r"^(?P<uid>.+)_(?P<target>" + "|".join(TARGETS) + r")$"
+    parts = row_ids.str.extract(pattern)
+    if parts["uid"].isna().any():
+        bad = row_ids[parts["uid"].isna()].iloc[0]
+        raise ScoreInputError(
+            f"submission: invalid row_id {bad!r}; expected <StudyInstanceUID>_<C1..C7|patient_overall>"
+        )
+    long = pd.DataFrame(
+        {"StudyInstanceUID": parts["uid"], "target": parts["target"], "fractured": submission["fractured"]}
+    )
     wide = long.pivot_table(index="StudyInstanceUID", columns="target", values="fractured", aggfunc="first")
     incomplete = wide[list(TARGETS)].isna().any(axis=1) if set(TARGETS) <= set(wide.columns) else None
     if incomplete is None or incomplete.any():

@@ -1,0 +1,5 @@
+import sys
+
+from csfd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,240 @@
+"""Stage 1 for one fold: vertebra model, pseudo-labels, fracture model, out-of-fold predictions.
+
+fold k in 0..n-1 trains on the other folds and predicts fold k; fold -1 trains on every study
+and writes no out-of-fold predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from csfd.config import ExperimentConfig, SliceModelConfig, save_config
+from csfd.constants import VERTEBRAE
+from csfd.data import SliceStackDataset, StudyVolumes
+from csfd.folds import read_folds
+from csfd.io_utils import atomic_write_csv, atomic_write_text
+from csfd.logs import add_file_log
+from csfd.models import create_slice_model, save_weights
+from csfd.trainer import FitResult, fit, predict, resolve_device, seed_everything
+
+logger = logging.getLogger(__name__)
+
+VIS_COLUMNS = [f"vis_{v}" for v in VERTEBRAE]
+FRAC_COLUMNS = [f"frac_{v}" for v in VERTEBRAE]
+
+
+class SliceTable:
+    """The slices of a set of studies as numpy arrays, ready for SliceStackDataset."""
+
+    def __init__(self, slices: pd.DataFrame, study_uids: list[str]) -> None:
+        self.study_uids = study_uids
+        order = {uid: i for i, uid in enumerate(study_uids)}
+        rows = slices[slices["StudyInstanceUID"].isin(order)].copy()
+        rows["study_index"] = rows["StudyInstanceUID"].map(order)
+        rows = rows.sort_values(["study_index", "position_index"]).reset_index(drop=True)
+        self.frame = rows[["StudyInstanceUID", "slice_number", "position_index"]]
+        self.study_index = rows["study_index"].to_numpy(np.int64)
+        self.position_index = rows["position_index"].to_numpy(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.study_index)
+
+    def dataset(self, cache, model_config: SliceModelConfig, targets: np.ndarray | None, weights=None, augment=False, seed=0):
+        if targets is None:
+            targets = np.zeros((len(self), 1), dtype=np.float32)
+        return SliceStackDataset(
+            StudyVolumes(cache, self.study_uids),
+            self.study_index,
+            self.position_index,
+            targets,
+            weights,
+            model_config.context_slices,
+            model_config.image_size,
+            model_config.augment if augment else None,
+            seed,
+        )
+
+
+def _split_studies(config: ExperimentConfig, fold: int, prepared: set[str]) -> tuple[list[str], list[str], pd.DataFrame]:
+    labels = pd.read_csv(Path(config.paths.data_dir) / "train.csv")
+    folds = read_folds(Path(config.paths.folds_csv))
+    if fold >= folds["fold"].max() + 1 or fold < -1:
+        raise ValueError(f"fold {fold} does not exist in {config.paths.folds_csv} (folds 0..{folds['fold'].max()}, or -1 for all)")
+    folds = folds[folds["StudyInstanceUID"].isin(prepared)]
+    if fold == -1:
+        train = sorted(folds["StudyInstanceUID"])
+        valid: list[str] = []
+    else:
+        train = sorted(folds.loc[folds["fold"] != fold, "StudyInstanceUID"])
+        valid = sorted(folds.loc[folds["fold"] == fold, "StudyInstanceUID"])
+    return train, valid, labels.set_index("StudyInstanceUID")
+
+
+def _vertebra_targets(table: SliceTable, vertebra_labels: pd.DataFrame) -> np.ndarray:
+    merged = table.frame.merge(vertebra_labels, on=["StudyInstanceUID", "slice_number"], how="left", suffixes=("", "_seg"))
+    if merged[list(VERTEBRAE)].isna().any().any():
+        uid = merged.loc[merged[list(VERTEBRAE)].isna().any(axis=1), "StudyInstanceUID"].iloc[0]
+        raise ValueError(f"vertebra_labels.csv lacks slices of segmented study {uid}; rerun `make prepare`")
+    return merged[list(VERTEBRAE)].to_numpy(np.float32)
+
+
+def _fracture_targets(
+    table: SliceTable, visibility: np.ndarray, labels: pd.DataFrame, boxes: pd.DataFrame, model_config: SliceModelConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (targets, weights) of shape (n, 14): visibility of C1..C7, then fracture of C1..C7.
+
+    The fracture target of Ck on a slice is the study's Ck label times the slice's Ck
+    visibility; a slice with a fracture box is a strong positive for the fractured vertebrae
+    visible on it.
+    """
+    study_labels = labels.loc[table.frame["StudyInstanceUID"], list(VERTEBRAE)].to_numpy(np.float32)
+    fracture = study_labels * visibility
+    weights_fracture = np.where(fracture > 0.5, model_config.positive_weight, 1.0).astype(np.float32)
+
+    box_keys = set(zip(boxes["StudyInstanceUID"], boxes["slice_number"].astype(int))) if len(boxes) else set()
+    is_box = np.array([(u, int(s)) in box_keys for u, s in zip(table.frame["StudyInstanceUID"], table.frame["slice_number"])])
+    if is_box.any():
+        box_positive = (study_labels[is_box] > 0) & (visibility[is_box] > 0.5)
+        fracture[is_box] = np.where(box_positive, 1.0, fracture[is_box])
+        weights_fracture[is_box] = np.where(box_positive, model_config.box_weight, weights_fracture[is_box])
+    targets = np.concatenate([visibility, fracture], axis=1).astype(np.float32)
+    weights = np.concatenate([np.ones_like(visibility), weights_fracture], axis=1).astype(np.float32)
+    return targets, weights
+
+
+def _negative_subsampler(targets: np.ndarray, keep: float, seed: int):
+    """Return a per-epoch index picker that keeps all fracture-positive slices and a fixed-size
+    random share of the negatives, or None when every slice is kept."""
+    if keep >= 1.0:
+        return None
+    positive = np.flatnonzero(targets[:, len(VERTEBRAE) :].max(axis=1) > 0.5)
+    negative = np.flatnonzero(targets[:, len(VERTEBRAE) :].max(axis=1) <= 0.5)
+    n_keep = max(1, int(round(len(negative) * keep)))
+
+    def pick(epoch: int) -> np.ndarray:
+        rng = np.random.default_rng((seed, epoch))
+        chosen = rng.choice(negative, size=n_keep, replace=False) if len(negative) else negative
+        return np.sort(np.concatenate([positive, chosen]))
+
+    return pick
+
+
+def _slice_accuracy(probabilities: np.ndarray, truth: np.ndarray) -> float:
+    return float(((probabilities > 0.5) == (truth > 0.5)).mean()) if len(truth) else float("nan")
+
+
+def train_fold(config: ExperimentConfig, fold: int) -> dict:
+    """Run stage 1 for `fold` and write its run folder; return the metrics."""
+    from csfd.prepare import StudyCache
+
+    run_dir = config.run_dir(fold)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_handler = add_file_log(run_dir / "train.log")
+    try:
+        return _train_fold(config, fold, run_dir, StudyCache(Path(config.paths.cache_dir), "train"))
+    finally:
+        logging.getLogger().removeHandler(log_handler)
+        log_handler.close()
+
+
+def _train_fold(config: ExperimentConfig, fold: int, run_dir: Path, cache) -> dict:
+    save_config(config, run_dir / "config.yaml")
+    seed = config.seed + max(fold, 0)
+    seed_everything(seed)
+    device = resolve_device(config.device)
+    logger.info("Training %s fold %d on %s (config hash %s)", config.name, fold, device, config.hash())
+
+    prepared = set(cache.study_uids)
+    train_uids, valid_uids, labels = _split_studies(config, fold, prepared)
+    vertebra_labels = cache.vertebra_labels()
+    segmented = set(vertebra_labels["StudyInstanceUID"]) if len(vertebra_labels) else set()
+    boxes_path = Path(config.paths.data_dir) / "train_bounding_boxes.csv"
+    boxes = pd.read_csv(boxes_path) if boxes_path.is_file() else pd.DataFrame(columns=["StudyInstanceUID", "slice_number"])
+    metrics: dict = {"fold": fold, "config_hash": config.hash(), "n_train_studies": len(train_uids), "n_valid_studies": len(valid_uids)}
+
+    # Stage 1a: the vertebra model learns C1..C7 visibility on the segmented training studies.
+    seg_train = [u for u in train_uids if u in segmented]
+    seg_valid = [u for u in valid_uids if u in segmented]
+    if not seg_train:
+        raise ValueError(f"fold {fold}: no segmented study among the training folds; the vertebra model needs some")
+    vcfg = config.vertebra
+    in_chans = 2 * vcfg.context_slices + 1
+    vertebra_model = create_slice_model(vcfg.backbone, in_chans, len(VERTEBRAE), vcfg.pretrained_path)
+    table_seg_train = SliceTable(cache.slices, seg_train)
+    table_seg_valid = SliceTable(cache.slices, seg_valid)
+    train_set = table_seg_train.dataset(cache, vcfg, _vertebra_targets(table_seg_train, vertebra_labels), augment=True, seed=seed)
+    valid_targets = _vertebra_targets(table_seg_valid, vertebra_labels) if seg_valid else None
+    valid_set = table_seg_valid.dataset(cache, vcfg, valid_targets) if seg_valid else None
+    result: FitResult = fit(vertebra_model, train_set, valid_set, vcfg, device, seed, "vertebra")
+    save_weights(vertebra_model, run_dir / "vertebra.pt", config.hash(), {"in_chans": in_chans, "num_outputs": len(VERTEBRAE)})
+    metrics["vertebra"] = {"train_loss": result.train_loss, "valid_loss": result.valid_loss, "optimizer_steps": result.optimizer_steps}
+    if seg_valid:
+        valid_probs = predict(vertebra_model, valid_set, vcfg.batch_size, vcfg.num_workers, device, "vertebra valid")
+        metrics["vertebra"]["valid_slice_accuracy"] = _slice_accuracy(valid_probs, valid_targets)
+
+    # Stage 1b: pseudo-labels. The vertebra model labels every slice of every study; segmented
+    # training studies keep their true labels as targets for the fracture model.
+    all_uids = sorted(set(train_uids) | set(valid_uids))
+    table_all = SliceTable(cache.slices, all_uids)
+    visibility_pred = predict(vertebra_model, table_all.dataset(cache, vcfg, None), vcfg.batch_size, vcfg.num_workers, device, "pseudo-labels")
+    pseudo = table_all.frame.copy()
+    pseudo[list(VERTEBRAE)] = visibility_pred
+    atomic_write_csv(pseudo[~pseudo["StudyInstanceUID"].isin(segmented)], run_dir / "pseudo_labels.csv", float_format="%.5f")
+
+    # Stage 1c: the fracture model on every training study, 2.5D input.
+    fcfg = config.fracture
+    in_chans_f = 2 * fcfg.context_slices + 1
+    table_train = SliceTable(cache.slices, train_uids)
+    visibility_train = _visibility_targets(table_train, pseudo, vertebra_labels, segmented)
+    targets, weights = _fracture_targets(table_train, visibility_train, labels, boxes, fcfg)
+    fracture_model = create_slice_model(fcfg.backbone, in_chans_f, 2 * len(VERTEBRAE), fcfg.pretrained_path)
+    train_set = table_train.dataset(cache, fcfg, targets, weights, augment=True, seed=seed)
+    table_valid = SliceTable(cache.slices, valid_uids)
+    valid_set = None
+    if valid_uids:
+        visibility_valid = _visibility_targets(table_valid, pseudo, vertebra_labels, segmented)
+        valid_targets, valid_weights = _fracture_targets(table_valid, visibility_valid, labels, boxes, fcfg)
+        valid_set = table_valid.dataset(cache, fcfg, valid_targets, valid_weights)
+    sampler = _negative_subsampler(targets, fcfg.negative_keep, seed)
+    result = fit(fracture_model, train_set, valid_set, fcfg, device, seed, "fracture", sampler)
+    save_weights(fracture_model, run_dir / "fracture.pt", config.hash(), {"in_chans": in_chans_f, "num_outputs": 2 * len(VERTEBRAE)})
+    metrics["fracture"] = {"train_loss": result.train_loss, "valid_loss": result.valid_loss, "optimizer_steps": result.optimizer_steps}
+
+    if valid_uids:
+        metrics["cv"] = _write_oof(config, run_dir, fracture_model, table_valid, pseudo, labels, cache, device)
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
+    logger.info("Fold %d done: %s", fold, json.dumps(metrics, default=float))
+    return metrics
+
+
+def _visibility_targets(table: SliceTable, pseudo: pd.DataFrame, vertebra_labels: pd.DataFrame, segmented: set[str]) -> np.ndarray:
+    """Return true visibility for segmented studies and the vertebra model's for the others."""
+    merged = table.frame.merge(pseudo, on=["StudyInstanceUID", "slice_number", "position_index"], how="left")
+    visibility = merged[list(VERTEBRAE)].to_numpy(np.float32)
+    is_segmented = table.frame["StudyInstanceUID"].isin(segmented).to_numpy()
+    if is_segmented.any():
+        seg_table_rows = table.frame[is_segmented].merge(vertebra_labels, on=["StudyInstanceUID", "slice_number"], how="left")
+        visibility[is_segmented] = seg_table_rows[list(VERTEBRAE)].to_numpy(np.float32)
+    return visibility
+
+
+def _write_oof(config, run_dir, fracture_model, table_valid, pseudo, labels, cache, device) -> dict:
+    from csfd.features import aggregate_predictions
+    from csfd.metric import competition_score
+
+    fcfg = config.fracture
+    probs = predict(fracture_model, table_valid.dataset(cache, fcfg, None), fcfg.batch_size, fcfg.num_workers, device, "OOF")
+    oof = table_valid.frame.merge(pseudo, on=["StudyInstanceUID", "slice_number", "position_index"], how="left")
+    oof = oof.rename(columns={v: f"vis_{v}" for v in VERTEBRAE})
+    oof[FRAC_COLUMNS] = probs[:, len(VERTEBRAE) :]
+    atomic_write_csv(oof, run_dir / "oof_slices.csv", float_format="%.5f")
+    study_predictions = aggregate_predictions(oof)
+    study_labels = labels.loc[study_predictions["StudyInstanceUID"]].reset_index()
+    score = competition_score(study_labels, study_predictions)
+    logger.info("Fold OOF plain aggregation: per_study=%.5f flat=%.5f", score["per_study"], score["flat"])
+    return {"aggregate": score}
