@@ -67,6 +67,8 @@ class FitResult:
     train_loss: float
     valid_loss: float | None
     seconds: float
+    final_lr: float  # learning rate of the last optimiser step
+    planned_steps: int
 
 
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -119,6 +121,7 @@ def fit(
 
     start = time.time()
     step = 0
+    lr_used = float("nan")
     train_loss = valid_loss = float("nan")
     for epoch in range(config.epochs):
         dataset = first if epoch == 0 else epoch_dataset(epoch)
@@ -141,11 +144,12 @@ def fit(
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
+                lr_used = optimizer.param_groups[0]["lr"]
                 # Step the schedule even when the scaler skipped the optimiser step, so that it
                 # stays aligned with the planned total and ends exactly at the last step.
                 scheduler.step()
                 step += 1
-            running += float(loss) * len(images)
+            running += float(loss.detach()) * len(images)
             seen += len(images)
             bar.set_postfix(loss=f"{running / seen:.4f}")
         train_loss = running / max(seen, 1)
@@ -159,7 +163,7 @@ def fit(
             train_loss,
             "n/a" if valid_loss is None else f"{valid_loss:.5f}",
         )
-    return FitResult(config.epochs, step, train_loss, valid_loss, time.time() - start)
+    return FitResult(config.epochs, step, train_loss, valid_loss, time.time() - start, lr_used, total_steps)
 
 
 @torch.inference_mode()
