@@ -1,0 +1,271 @@
+"""Decoder backends for one DICOM file: dicomsdl and pydicom.
+
+Each backend returns the header fields that HU conversion needs and the first frame's
+pixel data as decoded, before any sign handling or rescale. Sign handling, padding and
+rescale live in `csfd.dicom_io` so that both backends go through the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pydicom
+from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.uid import (
+    UID,
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+try:
+    import dicomsdl
+except ImportError as error:  # the pydicom backend still works without it
+    dicomsdl = None
+    _DICOMSDL_IMPORT_ERROR = str(error)
+else:
+    _DICOMSDL_IMPORT_ERROR = ""
+
+logger = logging.getLogger(__name__)
+
+JPEG2000_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
+
+# The pydicom decoding plugin each compressed transfer syntax needs in this project.
+# pydicom decodes RLE itself, and pylibjpeg-rle only makes it faster.
+DECODER_PLUGINS: dict[UID, str] = {
+    JPEGBaseline8Bit: "pylibjpeg-libjpeg",
+    JPEGExtended12Bit: "pylibjpeg-libjpeg",
+    JPEGLossless: "pylibjpeg-libjpeg",
+    JPEGLosslessSV1: "pylibjpeg-libjpeg",
+    JPEGLSLossless: "pylibjpeg-libjpeg",
+    JPEGLSNearLossless: "pylibjpeg-libjpeg",
+    JPEG2000Lossless: "pylibjpeg-openjpeg",
+    JPEG2000: "pylibjpeg-openjpeg",
+    RLELossless: "pylibjpeg-rle",
+}
+
+
+def find_missing_decoders() -> dict[str, str]:
+    """Return {transfer syntax UID: plugin to install} for every syntax pydicom cannot decode."""
+    return {
+        str(uid): plugin
+        for uid, plugin in DECODER_PLUGINS.items()
+        if not get_decoder(uid).is_available
+    }
+
+
+_MISSING_AT_IMPORT = find_missing_decoders()
+if _MISSING_AT_IMPORT:
+    logger.warning(
+        "pydicom has no decoder for %s; files in these syntaxes can only be read by dicomsdl",
+        ", ".join(f"{UID(uid).name} (install {plugin})" for uid, plugin in _MISSING_AT_IMPORT.items()),
+    )
+if dicomsdl is None:
+    logger.warning("dicomsdl is not importable (%s); only pydicom will read DICOM", _DICOMSDL_IMPORT_ERROR)
+
+
+def check_decoders() -> None:
+    """Raise RuntimeError naming each missing plugin, so that a run fails at start-up.
+
+    Without the plugin, pydicom cannot decode that syntax at all. The error names the
+    plugin, so the fix is one `pip install`.
+    """
+    missing = find_missing_decoders()
+    if missing:
+        listed = "; ".join(f"{UID(uid).name} ({uid}): install {plugin}" for uid, plugin in missing.items())
+        raise RuntimeError(f"pydicom cannot decode these transfer syntaxes: {listed}")
+    if dicomsdl is None:
+        raise RuntimeError(f"dicomsdl is not importable ({_DICOMSDL_IMPORT_ERROR}): pip install dicomsdl")
+
+
+@dataclass
+class RawFrame:
+    """Header fields and the first frame of one file, as one backend decoded them."""
+
+    pixels: np.ndarray  # (rows, cols) as the decoder returned it, before masking and sign extension
+    transfer_syntax: str
+    rows: int
+    columns: int
+    bits_allocated: int
+    bits_stored: int
+    high_bit: int
+    pixel_representation: int
+    samples_per_pixel: int
+    photometric_interpretation: str
+    number_of_frames: int
+    rescale_slope: float | None
+    rescale_intercept: float | None
+    pixel_padding_value: int | None
+    pixel_padding_range_limit: int | None
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    pixel_spacing: tuple[float, float] | None
+    slice_thickness: float | None
+    instance_number: int | None
+    modality: str
+    warnings: list[str]
+
+
+class HeaderRejected(ValueError):
+    """The header itself rules the file out (multi-frame, colour, ...), so no other backend can help."""
+
+
+def _as_int(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    return int(value)
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    return float(value)
+
+
+def _as_vector(value: Any, length: int) -> np.ndarray | None:
+    if value is None or value == "":
+        return None
+    vector = np.asarray([float(v) for v in value], dtype=np.float64)
+    if vector.shape != (length,):
+        raise ValueError(f"expected {length} values, found {list(value)}")
+    return vector
+
+
+def _build_header(get: Callable[[str], Any], transfer_syntax: str, path: Path) -> dict[str, Any]:
+    """Read the header fields through `get(keyword)`, which returns None for a missing tag."""
+    spacing = _as_vector(get("PixelSpacing"), 2)
+    header = {
+        "transfer_syntax": transfer_syntax,
+        "rows": _as_int(get("Rows")),
+        "columns": _as_int(get("Columns")),
+        "bits_allocated": _as_int(get("BitsAllocated")),
+        "bits_stored": _as_int(get("BitsStored")),
+        "high_bit": _as_int(get("HighBit")),
+        "pixel_representation": _as_int(get("PixelRepresentation")),
+        "samples_per_pixel": _as_int(get("SamplesPerPixel")) or 1,
+        "photometric_interpretation": str(get("PhotometricInterpretation") or "").strip(),
+        "number_of_frames": _as_int(get("NumberOfFrames")) or 1,
+        "rescale_slope": _as_float(get("RescaleSlope")),
+        "rescale_intercept": _as_float(get("RescaleIntercept")),
+        "pixel_padding_value": _as_int(get("PixelPaddingValue")),
+        "pixel_padding_range_limit": _as_int(get("PixelPaddingRangeLimit")),
+        "position": _as_vector(get("ImagePositionPatient"), 3),
+        "orientation": _as_vector(get("ImageOrientationPatient"), 6),
+        "pixel_spacing": None if spacing is None else (float(spacing[0]), float(spacing[1])),
+        "slice_thickness": _as_float(get("SliceThickness")),
+        "instance_number": _as_int(get("InstanceNumber")),
+        "modality": str(get("Modality") or ""),
+    }
+    for keyword in ("rows", "columns", "bits_allocated", "bits_stored", "high_bit", "pixel_representation"):
+        if header[keyword] is None:
+            raise HeaderRejected(f"{path}: required pixel tag {keyword} is missing")
+    if header["number_of_frames"] > 1:
+        raise HeaderRejected(
+            f"{path}: multi-frame file ({header['number_of_frames']} frames) is not supported; "
+            "the pipeline reads one slice per file, so convert it to single-frame files first"
+        )
+    if header["samples_per_pixel"] != 1 or header["photometric_interpretation"] not in ("MONOCHROME1", "MONOCHROME2"):
+        raise HeaderRejected(
+            f"{path}: not a greyscale image (SamplesPerPixel {header['samples_per_pixel']}, "
+            f"PhotometricInterpretation {header['photometric_interpretation']!r})"
+        )
+    if header["high_bit"] != header["bits_stored"] - 1:
+        raise HeaderRejected(
+            f"{path}: HighBit {header['high_bit']} with BitsStored {header['bits_stored']} is not supported "
+            "(only HighBit = BitsStored - 1)"
+        )
+    return header
+
+
+def read_dicomsdl(path: Path) -> RawFrame:
+    """Decode `path` with dicomsdl, letting its errors propagate unchanged."""
+    if dicomsdl is None:
+        raise RuntimeError(f"dicomsdl is not importable ({_DICOMSDL_IMPORT_ERROR})")
+    dataset = dicomsdl.open(str(path))
+    transfer_syntax = str(dataset.TransferSyntaxUID or "")
+    header = _build_header(lambda keyword: dataset[keyword], transfer_syntax, path)
+    # storedvalue=True skips dicomsdl's own rescale, so that rescale happens once, in dicom_io.
+    pixels = dataset.pixelData(index=0, storedvalue=True)
+    return RawFrame(pixels=pixels, warnings=[], **header)
+
+
+def _read_pydicom_dataset(path: Path, messages: list[str]) -> pydicom.Dataset:
+    try:
+        return pydicom.dcmread(path)
+    except InvalidDicomError as error:
+        messages.append(f"pydicom rejected the file ({error}); read again with force=True")
+        return pydicom.dcmread(path, force=True)
+
+
+def read_pydicom(path: Path) -> RawFrame:
+    """Decode `path` with pydicom and its plugins; pydicom's own warnings go into RawFrame.warnings."""
+    messages: list[str] = []
+    # NOTE: catch_warnings changes process-wide state and is not thread-safe. Run parallel
+    # reads in processes, not threads, or the warnings of one read may land in another.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = _read_pydicom_dataset(path, messages)
+        file_meta = dataset.file_meta
+        transfer_syntax = file_meta.get("TransferSyntaxUID")
+        if transfer_syntax is None:
+            # A file without a meta header: the encoding pydicom detected while parsing decides.
+            implicit, little_endian = dataset.original_encoding
+            if not little_endian:
+                raise ValueError("no TransferSyntaxUID and the data set is big endian")
+            transfer_syntax = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+            file_meta.TransferSyntaxUID = transfer_syntax
+            messages.append(f"TransferSyntaxUID missing; assumed {transfer_syntax.name}")
+        header = _build_header(dataset.get, str(transfer_syntax), path)
+        decoder = get_decoder(transfer_syntax)
+        if not decoder.is_available:
+            plugin = DECODER_PLUGINS.get(UID(transfer_syntax), "a decoding plugin")
+            raise RuntimeError(f"pydicom has no decoder for {UID(transfer_syntax).name}: install {plugin}")
+        pixels = dataset.pixel_array
+    messages.extend(f"pydicom: {warning.message}" for warning in caught)
+    return RawFrame(pixels=pixels, warnings=messages, **header)
+
+
+READERS: dict[str, Callable[[Path], RawFrame]] = {"dicomsdl": read_dicomsdl, "pydicom": read_pydicom}
+
+
+def read_transfer_syntax(path: Path) -> str:
+    """Return the file's TransferSyntaxUID for an error message, or "" when it cannot be read."""
+    try:
+        dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception as error:  # noqa: BLE001 -- only used to word an error that is raised anyway
+        logger.debug("%s: cannot read the transfer syntax: %s", path, error)
+        return ""
+    return str(dataset.file_meta.get("TransferSyntaxUID", ""))
+
+
+def read_j2k_signedness(path: Path) -> tuple[bool, int] | None:
+    """Return (is_signed, precision) of the first component in the first JPEG 2000 frame.
+
+    Parses the SIZ marker segment (ISO/IEC 15444-1 A.5.1). After the SOC and SIZ markers come
+    Lsiz, Rsiz, eight 4-byte sizes and Csiz, then Ssiz of component 0. Bit 7 of Ssiz is the
+    sign and its low 7 bits are precision - 1. A JP2 file wraps the codestream in boxes, so the
+    marker pair is searched for. Returns None when no SIZ marker is found.
+    """
+    dataset = pydicom.dcmread(path, force=True)
+    frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    start = frame.find(b"\xff\x4f\xff\x51")
+    ssiz_offset = start + 4 + 2 + 2 + 8 * 4 + 2
+    if start < 0 or len(frame) <= ssiz_offset:
+        return None
+    ssiz = frame[ssiz_offset]
+    return bool(ssiz & 0x80), (ssiz & 0x7F) + 1
