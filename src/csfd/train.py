@@ -130,7 +130,7 @@ def _slice_accuracy(probabilities: np.ndarray, truth: np.ndarray) -> float:
 
 def train_fold(config: ExperimentConfig, fold: int) -> dict:
     """Run stage 1 for `fold` and write its run folder; return the metrics."""
-    from csfd.prepare import StudyCache
+    from csfd.cache import StudyCache
 
     run_dir = config.run_dir(fold)
     run_dir.mkdir(parents=True, exist_ok=True)

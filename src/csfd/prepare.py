@@ -1,0 +1,337 @@
+"""Prepare stage: decode every study once into the uint8 slice cache that training reads.
+
+Worker processes decode the studies in parallel with csfd.volume.load_study. Each worker
+writes its study's .npy and then its JSON, and returns only a report row. The cache layout
+and the resume rule are described in csfd.cache and docs/DATA_FORMATS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import cv2
+import pandas as pd
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from csfd import cache
+from csfd.cache import StudyCache
+from csfd.config import ExperimentConfig, PrepareConfig
+from csfd.dicom_io import DicomReadError
+from csfd.io_utils import atomic_save_npy, atomic_write_csv, atomic_write_text
+from csfd.volume import PreparedStudy, load_study, resize_keep_aspect, window_to_uint8
+
+# Other stages import the reader and the in-memory loader from here, the stage's entry point.
+__all__ = [
+    "PreparedStudy",
+    "StudyCache",
+    "load_study",
+    "prepare_split",
+    "prepare_study",
+    "resize_keep_aspect",
+    "run_prepare",
+    "window_to_uint8",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+STATUSES = ("done", "skipped", "failed", "excluded", "dropped")
+REPORT_COLUMNS = (
+    "StudyInstanceUID", "split", "status", "n_slices", "rows", "cols", "transfer_syntaxes",
+    "reader", "reversed", "irregular", "warnings", "error", "seconds",
+)
+COMPETITION_LAYOUT = (
+    "train.csv, train_images/<StudyInstanceUID>/<slice_number>.dcm, "
+    "segmentations/<StudyInstanceUID>.nii, test.csv, test_images/<StudyInstanceUID>/<slice_number>.dcm"
+)
+
+
+@dataclass(frozen=True)
+class StudyTask:
+    """Arguments of prepare_study for one study; small, so it pickles cheaply to a worker process."""
+
+    study_uid: str
+    study_dir: str
+    split: str
+    studies_dir: str
+    segmentation_path: str | None
+    prepare: PrepareConfig
+
+
+def _report_row(
+    study_uid: str,
+    split: str,
+    status: str,
+    record: dict | None = None,
+    error: str = "",
+    seconds: float = 0.0,
+) -> dict:
+    record = record or {}
+    return {
+        "StudyInstanceUID": study_uid,
+        "split": split,
+        "status": status,
+        "n_slices": record.get("n_slices"),
+        "rows": record.get("rows"),
+        "cols": record.get("cols"),
+        "transfer_syntaxes": ";".join(record.get("transfer_syntaxes", [])),
+        "reader": ";".join(record.get("readers", [])),
+        "reversed": record.get("reversed"),
+        "irregular": record.get("irregular"),
+        "warnings": " | ".join(record.get("warnings", [])),
+        "error": error,
+        "seconds": round(seconds, 3),
+    }
+
+
+def _study_record(study: PreparedStudy, task: StudyTask) -> dict:
+    """Build the per-study JSON record; slices.csv and vertebra_labels.csv are rebuilt from these."""
+    visibility = study.vertebra_visibility
+    return {
+        "StudyInstanceUID": study.study_uid,
+        "split": task.split,
+        "status": "done",
+        "shape": list(study.volume.shape),
+        "dtype": "uint8",
+        "image_size": task.prepare.image_size,
+        "window_center": task.prepare.window_center,
+        "window_width": task.prepare.window_width,
+        "n_slices": study.n_slices,
+        "rows": study.original_shape[0],
+        "cols": study.original_shape[1],
+        "pixel_spacing": list(study.pixel_spacing),
+        "slice_spacing": study.slice_spacing,
+        "reversed": study.reversed,
+        "irregular": study.irregular,
+        "readers": study.readers,
+        "transfer_syntaxes": study.transfer_syntaxes,
+        "warnings": study.warnings,
+        "segmentation": Path(task.segmentation_path).name if task.segmentation_path else None,
+        "segmentation_error": study.segmentation_error,
+        "vertebra_visibility": None if visibility is None else visibility.tolist(),
+        "slice_numbers": study.slice_numbers.tolist(),
+        "z": study.z.tolist(),
+    }
+
+
+def prepare_study(task: StudyTask) -> dict:
+    """Decode one study, write its .npy and then its JSON; return its report row (never the volume)."""
+    start = time.perf_counter()
+    try:
+        study = load_study(task.study_dir, task.prepare, task.segmentation_path)
+    except (DicomReadError, ValueError) as error:
+        return _report_row(task.study_uid, task.split, "failed", error=f"{type(error).__name__}: {error}",
+                          seconds=time.perf_counter() - start)
+
+    record = _study_record(study, task)
+    if study.irregular and task.prepare.irregular_series == "drop":
+        return _report_row(task.study_uid, task.split, "dropped", record, seconds=time.perf_counter() - start)
+
+    studies = Path(task.studies_dir)
+    atomic_save_npy(cache.volume_path(studies, task.study_uid), study.volume)
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    # The JSON goes last: its presence marks the study as done.
+    atomic_write_text(cache.record_path(studies, task.study_uid), json.dumps(record, separators=(",", ":")))
+    return _report_row(task.study_uid, task.split, "done", record, error=study.segmentation_error,
+                      seconds=time.perf_counter() - start)
+
+
+def _init_worker() -> None:
+    # Each worker prepares one study at a time; OpenCV threads would oversubscribe the cores.
+    cv2.setNumThreads(1)
+
+
+def _run_tasks(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
+    if workers == 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield prepare_study(task)
+        return
+    # spawn: the parent has threads (tqdm, decoders) that fork would copy in an unknown state.
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=_init_worker)
+    try:
+        futures = [pool.submit(prepare_study, task) for task in tasks]
+        for future in as_completed(futures):
+            yield future.result()
+    except BrokenProcessPool as error:
+        raise RuntimeError(
+            f"a prepare worker died ({error}), most likely out of memory; lower prepare.workers "
+            "and run again (finished studies are kept)"
+        ) from error
+    finally:
+        # On an error or Ctrl-C, studies not yet started are cancelled instead of awaited.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def find_segmentations(data_dir: Path) -> dict[str, Path]:
+    """Map StudyInstanceUID to its segmentation NIfTI (.nii or .nii.gz) in data_dir/segmentations."""
+    folder = data_dir / "segmentations"
+    if not folder.is_dir():
+        logger.warning("%s not found: vertebra_labels.csv will be empty", folder)
+        return {}
+    found = {}
+    for path in sorted(folder.iterdir()):
+        for suffix in (".nii.gz", ".nii"):
+            if path.name.endswith(suffix):
+                found[path.name[: -len(suffix)]] = path
+    return found
+
+
+def _available_cores() -> int:
+    # The cores this process may run on, which a container or taskset can set below os.cpu_count().
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _remove_leftover_temporaries(studies: Path) -> None:
+    # A killed run leaves `.<name>.<random>.tmp` files from atomic writes; they never count as done.
+    # NOTE: two prepare runs on the same cache folder at once would delete each other's files here.
+    leftovers = list(studies.glob(".*.tmp"))
+    if leftovers:
+        size = sum(path.stat().st_size for path in leftovers)
+        logger.info("removing %d unfinished temporary file(s) (%.1f MB) from %s", len(leftovers), size / 1e6, studies)
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+
+
+def _cached_status(record: dict, prepare: PrepareConfig) -> str:
+    if record["StudyInstanceUID"] in prepare.exclude_studies:
+        return "excluded"
+    if record.get("irregular") and prepare.irregular_series == "drop":
+        return "dropped"
+    return "skipped"
+
+
+def prepare_split(
+    data_dir: str | Path,
+    cache_dir: str | Path,
+    split: str,
+    config: ExperimentConfig,
+    study_uids: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """Prepare every study of one split (or only `study_uids`) into the cache; return the report.
+
+    Studies already prepared with the same settings are skipped. slices.csv, report.csv and,
+    for train, vertebra_labels.csv are rewritten for every study in the cache, so a cached
+    study outside `study_uids` appears as skipped.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    prepare = config.prepare
+    if prepare.workers < 0:
+        raise ValueError(f"prepare.workers must be 0 (all cores) or more, got {prepare.workers}")
+    data_dir = Path(data_dir)
+    images_dir = data_dir / f"{split}_images"
+    if not images_dir.is_dir():
+        raise FileNotFoundError(
+            f"{images_dir} not found. The prepare stage expects the Kaggle competition layout in "
+            f"{data_dir}: {COMPETITION_LAYOUT}. Download and unzip the competition data there, "
+            "or set paths.data_dir."
+        )
+    studies = cache.studies_dir(cache_dir, split)
+    studies.mkdir(parents=True, exist_ok=True)
+    _remove_leftover_temporaries(studies)
+
+    available = {path.name: path for path in images_dir.iterdir() if path.is_dir()}
+    selected = sorted(available) if study_uids is None else sorted(set(study_uids))
+    segmentations = find_segmentations(data_dir) if split == "train" else {}
+
+    rows, tasks = [], []
+    for uid in selected:
+        if uid in prepare.exclude_studies:
+            logger.info("excluding study %s: it is in prepare.exclude_studies", uid)
+            rows.append(_report_row(uid, split, "excluded"))
+            continue
+        if uid not in available:
+            rows.append(_report_row(uid, split, "failed", error=f"study folder not found: {images_dir / uid}"))
+            continue
+        segmentation = segmentations.get(uid)
+        segmentation_name = None if segmentation is None else segmentation.name
+        record = cache.read_record(studies, uid)
+        if record is not None and cache.record_matches(record, studies, prepare, segmentation_name):
+            rows.append(_report_row(uid, split, _cached_status(record, prepare), record))
+            continue
+        segmentation_path = None if segmentation is None else str(segmentation)
+        tasks.append(StudyTask(uid, str(available[uid]), split, str(studies), segmentation_path, prepare))
+
+    workers = prepare.workers or _available_cores()
+    start = time.perf_counter()
+    decoded_slices = 0
+    with logging_redirect_tqdm(), tqdm(total=len(tasks), desc=f"prepare {split}", unit="study") as bar:
+        for row in _run_tasks(tasks, workers):
+            rows.append(row)
+            if row["status"] == "failed":
+                logger.warning("study %s failed: %s", row["StudyInstanceUID"], row["error"])
+            elif row["status"] == "dropped":
+                logger.warning("study %s dropped (irregular series): %s", row["StudyInstanceUID"], row["warnings"])
+            elif row["error"]:
+                logger.warning("study %s: %s", row["StudyInstanceUID"], row["error"])
+            if row["status"] == "done":
+                decoded_slices += int(row["n_slices"])
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            bar.update(1)
+            bar.set_postfix_str(f"{bar.n / elapsed:.2f} studies/s, {decoded_slices / elapsed:.0f} slices/s")
+    elapsed = time.perf_counter() - start
+
+    # Cached studies outside this selection still belong to the split's tables.
+    listed = {row["StudyInstanceUID"] for row in rows}
+    for path in sorted(studies.glob("*.json")):
+        uid = path.stem
+        if uid in listed:
+            continue
+        record = cache.read_record(studies, uid)
+        if record is not None and cache.record_matches(record, studies, prepare):
+            rows.append(_report_row(uid, split, _cached_status(record, prepare), record))
+
+    report = pd.DataFrame(rows, columns=list(REPORT_COLUMNS)).sort_values("StudyInstanceUID", ignore_index=True)
+    report = report.astype({"n_slices": "Int64", "rows": "Int64", "cols": "Int64"})
+    _write_tables(studies, split, report)
+    _log_summary(split, report, decoded_slices, elapsed)
+    return report
+
+
+def _write_tables(studies: Path, split: str, report: pd.DataFrame) -> None:
+    usable = report.loc[report["status"].isin(["done", "skipped"]), "StudyInstanceUID"]
+    records = [cache.read_record(studies, uid) for uid in usable]
+    records = [record for record in records if record is not None]
+    root = studies.parent
+    atomic_write_csv(cache.slices_frame(records), root / "slices.csv")
+    atomic_write_csv(report, root / "report.csv")
+    if split == "train":
+        atomic_write_csv(cache.vertebra_labels_frame(records), root / "vertebra_labels.csv")
+
+
+def _log_summary(split: str, report: pd.DataFrame, decoded_slices: int, seconds: float) -> None:
+    counts = report["status"].value_counts()
+    rate = decoded_slices / seconds if seconds > 0 else 0.0
+    logger.info(
+        "prepare %s: %d done, %d skipped, %d failed, %d excluded, %d dropped; "
+        "%d slices decoded in %.1f s (%.0f slices/s)",
+        split, *(int(counts.get(status, 0)) for status in STATUSES), decoded_slices, seconds, rate,
+    )
+
+
+def run_prepare(
+    config: ExperimentConfig,
+    splits: Sequence[str] = SPLITS,
+    data_dir: str | Path | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Prepare each split of `splits` into config.paths.cache_dir; return the report per split."""
+    data_dir = Path(data_dir if data_dir is not None else config.paths.data_dir)
+    reports = {}
+    for split in splits:
+        reports[split] = prepare_split(data_dir, config.paths.cache_dir, split, config)
+        report_csv = cache.split_dir(config.paths.cache_dir, split) / "report.csv"
+        logger.info("prepare %s: report written to %s", split, report_csv)
+    return reports
