@@ -40,3 +40,20 @@ def test_existing_folds_are_kept(tmp_path, competition_dir):
     assert first.equals(second)
     remade = write_folds(competition_dir / "train.csv", folds_csv, 5, 2, overwrite=True)
     assert not first.equals(remade)
+
+
+def test_rare_vertebra_spreads_over_folds():
+    # 40 studies, C4 fractured in only 3: each fold's training part must keep at least 2.
+    rows = []
+    for i in range(40):
+        row = {"StudyInstanceUID": f"1.2.{i}", "patient_overall": int(i % 2 == 0)}
+        row.update({f"C{k}": 0 for k in range(1, 8)})
+        if i % 2 == 0:
+            row["C7"] = 1
+        if i in (0, 2, 4):
+            row["C4"] = 1
+        rows.append(row)
+    labels = pd.DataFrame(rows)
+    folds = make_folds(labels, n_folds=3, seed=0).merge(labels)
+    for fold in range(3):
+        assert folds.loc[folds["fold"] != fold, "C4"].sum() >= 2

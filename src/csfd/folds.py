@@ -26,10 +26,13 @@ def make_folds(labels: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
         raise ValueError(f"train.csv lists StudyInstanceUID {uid} more than once")
     if len(labels) < n_folds:
         raise ValueError(f"cannot make {n_folds} folds from {len(labels)} studies; lower folds.n_folds")
-    # Stratify on patient_overall plus the number of fractured vertebrae (0, 1, 2+), which
-    # keeps multi-level fractures spread over the folds.
-    n_fractured = labels[list(VERTEBRAE)].sum(axis=1).clip(upper=2)
-    strata = labels["patient_overall"].astype(int) * 3 + n_fractured.astype(int)
+    # Stratify on the study's rarest fractured vertebra (0 for a negative study), so that the
+    # positives of every vertebra, C3 and C4 included, spread over the folds and each fold's
+    # training folds hold some of each.
+    strata = np.zeros(len(labels), dtype=int)
+    by_rarity = labels[list(VERTEBRAE)].sum().sort_values(ascending=False).index
+    for rank, vertebra in enumerate(by_rarity, start=1):
+        strata[labels[vertebra].to_numpy() > 0] = rank
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     fold = np.full(len(labels), -1, dtype=int)
     for k, (_, valid_idx) in enumerate(splitter.split(labels, strata, groups=labels["StudyInstanceUID"])):

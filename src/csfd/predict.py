@@ -43,24 +43,25 @@ def choose_method(config: ExperimentConfig, run_root: Path) -> str:
     summary_path = run_root / "stack" / "summary.json"
     if config.predict.method == "aggregate":
         return "aggregate"
-    if config.predict.method == "stacker":
-        if not summary_path.is_file():
-            raise FileNotFoundError(f"predict.method is stacker but {summary_path} is missing; run `make stack` first")
-        return "stacker"
     if not summary_path.is_file():
+        if config.predict.method == "stacker":
+            raise FileNotFoundError(f"predict.method is stacker but {summary_path} is missing; run `make stack` first")
         logger.warning("No stacker found at %s; using the plain aggregation", summary_path.parent)
         return "aggregate"
-    best = json.loads(summary_path.read_text()).get("best_method", "aggregate")
-    logger.info("Using %s, the better method by CV (%s)", best, summary_path)
+    if config.predict.method == "stacker":
+        return "stacker"
+    best = json.loads(summary_path.read_text()).get("better_method", "aggregate")
+    logger.info("Using %s, the better method by out-of-fold CV (%s)", best, summary_path)
     return best
 
 
-def predict_slices(config: ExperimentConfig, study_uids: list[str], images_dir: Path, fold_models, device) -> tuple[pd.DataFrame, dict[str, str]]:
-    """Return slice predictions of the studies that could be read, and a path name per study."""
+def predict_slices(config: ExperimentConfig, study_uids: list[str], images_dir: Path, fold_models, device):
+    """Return slice predictions and per-study info of the studies that could be read, and
+    the path each study took (model or prior)."""
     from csfd.prepare import load_study
 
     prepare_config = fold_models[0].config.prepare
-    frames, paths = [], {}
+    frames, infos, paths = [], [], {}
     for uid in tqdm(study_uids, desc="predict studies"):
         folder = images_dir / uid
         if not folder.is_dir():
@@ -75,12 +76,15 @@ def predict_slices(config: ExperimentConfig, study_uids: list[str], images_dir: 
             paths[uid] = "prior (failed)"
             continue
         frames.append(slice_predictions_frame(uid, study.slice_numbers, visibility, fracture))
+        infos.append({"StudyInstanceUID": uid, "n_slices": study.n_slices, "slice_spacing": study.slice_spacing})
         paths[uid] = "model"
     slices = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return slices, paths
+    study_info = pd.DataFrame(infos, columns=["StudyInstanceUID", "n_slices", "slice_spacing"]).set_index("StudyInstanceUID")
+    return slices, study_info, paths
 
 
-def study_predictions(slices: pd.DataFrame, method: str, run_root: Path) -> pd.DataFrame:
+def study_predictions(slices: pd.DataFrame, study_info: pd.DataFrame, method: str, run_root: Path) -> pd.DataFrame:
+    """Return wide study predictions (StudyInstanceUID, patient_overall, C1..C7)."""
     from csfd.features import aggregate_predictions, build_features
 
     if slices.empty:
@@ -88,7 +92,7 @@ def study_predictions(slices: pd.DataFrame, method: str, run_root: Path) -> pd.D
     if method == "stacker":
         from csfd.stack import predict_stacker
 
-        return predict_stacker(build_features(slices), run_root / "stack").reset_index()
+        return predict_stacker(build_features(slices, study_info), run_root / "stack", method="stacker")
     return aggregate_predictions(slices)
 
 
@@ -114,22 +118,12 @@ def run_predict(config: ExperimentConfig, output: Path) -> pd.DataFrame:
     logger.info("Predicting %d studies with folds %s (%s)", test["StudyInstanceUID"].nunique(), [m.fold for m in fold_models], method)
 
     study_uids = list(dict.fromkeys(test["StudyInstanceUID"]))
-    slices, paths = predict_slices(config, study_uids, data_dir / "test_images", fold_models, device)
+    slices, study_info, paths = predict_slices(config, study_uids, data_dir / "test_images", fold_models, device)
     if not slices.empty:
         atomic_write_csv(slices, run_root / "test_slices.csv", float_format="%.5f")
-    wide = study_predictions(slices, method, run_root)
-    clip = _clip_range(config, run_root, method)
-    submission = build_submission(test, wide, clip)
+    wide = study_predictions(slices, study_info, method, run_root)
+    submission = build_submission(test, wide, (config.stack.clip_min, config.stack.clip_max))
     atomic_write_csv(submission, output)
     counts = Counter(paths.values())
     logger.info("Wrote %s: %d rows; studies per path: %s", output, len(submission), dict(counts))
     return submission
-
-
-def _clip_range(config: ExperimentConfig, run_root: Path, method: str) -> tuple[float, float]:
-    summary_path = run_root / "stack" / "summary.json"
-    if method == "stacker" and summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if "clip" in summary:
-            return tuple(summary["clip"])
-    return config.stack.clip_min, config.stack.clip_max

@@ -168,6 +168,21 @@ def draw_targets(rng: np.random.Generator, conditional: dict[str, float]) -> dic
     return targets
 
 
+def _ensure_positives(targets: list[dict[str, int]], rng: np.random.Generator, minimum: int) -> None:
+    """Give each vertebra at least `minimum` fractured training studies, in place.
+
+    A small sample can draw no C3 or C4 fracture at all, which leaves the stacker nothing to
+    learn for that target; extra fractures go to studies that are already positive.
+    """
+    positive = [i for i, t in enumerate(targets) if t["patient_overall"]]
+    for vertebra in VERTEBRAE:
+        have = [i for i in positive if targets[i][vertebra]]
+        candidates = [i for i in positive if not targets[i][vertebra]]
+        missing = max(minimum - len(have), 0)
+        for index in rng.permutation(candidates)[:missing]:
+            targets[int(index)][vertebra] = 1
+
+
 def _draw_storage(rng: np.random.Generator) -> dict:
     transfer = rng.choice([ExplicitVRLittleEndian, RLELossless, JPEG2000Lossless], p=[0.76, 0.12, 0.12])
     slope = float(rng.choice([1.0, 0.5, 2.0], p=[0.9, 0.05, 0.05]))
@@ -260,12 +275,14 @@ def plan_sample(n_train: int, n_test: int, image_size: int, seed: int) -> list[S
     for index in candidates[: max(n_segmented - len(chosen), 0)]:
         options[index]["segmented"] = True
 
+    all_targets = [draw_targets(rng, conditional) for _ in range(n_train + n_test)]
+    _ensure_positives(all_targets[:n_train], rng, minimum=min(3, n_train // 10))
     plans = []
     for index in range(n_train + n_test):
         split = "train" if index < n_train else "test"
         number = train_numbers[index] if split == "train" else test_numbers[index - n_train]
         option = options[index]
-        targets = draw_targets(rng, conditional)
+        targets = all_targets[index]
         fractured = tuple(v for v in VERTEBRAE if targets[v])
         size = LARGE_IMAGE_SIZE if option["large"] else image_size
         phantom = make_phantom_spec(rng, size, fractured)

@@ -151,7 +151,7 @@ def fit(
                 step += 1
             running += float(loss.detach()) * len(images)
             seen += len(images)
-            bar.set_postfix(loss=f"{running / seen:.4f}")
+            bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
         train_loss = running / max(seen, 1)
         valid_loss = evaluate_loss(model, valid_set, config, device) if valid_set is not None else None
         logger.info(
