@@ -278,7 +278,8 @@ def _make_cracks(rng: np.random.Generator, spec: PhantomSpec, level: str) -> lis
     n_drawn = int(rng.integers(max(2, math.ceil(0.7 * extent.count)), extent.count + 1))
     first = extent.first + int(rng.integers(0, extent.count - n_drawn + 1))
     positions = tuple(range(first, first + n_drawn))
-    width = float(rng.uniform(1.4, 2.0))
+    # 3.5-5 mm: about 2-3 pixels once a 256 px slice is downsized to the demo's 96 px.
+    width = float(rng.uniform(3.5, 5.0))
     drift = (float(rng.uniform(-0.5, 0.5)), float(rng.uniform(-0.5, 0.5)))
     cracks = []
     if level == "C1":
