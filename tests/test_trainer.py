@@ -137,3 +137,66 @@ def test_missing_pretrained_file_is_clear(tmp_path):
 def test_unknown_backbone_is_clear():
     with pytest.raises(ValueError, match="unknown timm backbone"):
         create_slice_model("not_a_model_xyz", 3, 7)
+
+
+class _InfGradientOnce:
+    """A gradient hook that turns the gradient of the `at`-th backward pass into inf."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.calls = 0
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return torch.full_like(grad, float("inf")) if self.calls == self.at else grad
+
+
+# torch warns when the scheduler steps before any optimiser step, which a skipped first step causes.
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
+@pytest.mark.parametrize(("accum", "inf_at_backward"), [(1, 2), (2, 3), (3, 1)])
+def test_one_cycle_survives_skipped_step(accum, inf_at_backward):
+    # An enabled GradScaler on the CPU skips the optimiser step whose gradients contain an inf,
+    # as it does with float16 autocast on a GPU. The schedule must still end at its last step.
+    config = _tiny_config(grad_accum_steps=accum)
+    model = create_slice_model(config.backbone, 3, 2)
+    hook = _InfGradientOnce(inf_at_backward)
+    first_parameter = next(model.parameters())
+    first_parameter.register_hook(hook)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    result = fit(model, _toy_dataset(), None, config, torch.device("cpu"), seed=0, label="toy", grad_scaler=scaler)
+    expected_steps = config.epochs * math.ceil(3 / accum)
+    assert hook.calls == config.epochs * 3
+    assert result.skipped_steps == 1
+    assert scaler.get_scale() < 2.0**8
+    assert result.optimizer_steps == expected_steps
+    assert result.planned_steps == expected_steps
+    assert result.final_lr == pytest.approx(config.lr / 25 / 1e4, rel=1e-6)
+    assert torch.isfinite(first_parameter).all()
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
+def test_skipped_step_leaves_weights_unchanged():
+    config = _tiny_config(epochs=1, batch_size=10)  # one batch, one optimiser step
+    model = create_slice_model(config.backbone, 3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    next(model.parameters()).register_hook(_InfGradientOnce(1))
+    result = fit(model, _toy_dataset(), None, config, torch.device("cpu"), seed=0, label="toy", grad_scaler=torch.amp.GradScaler("cpu"))
+    assert result.skipped_steps == 1
+    assert result.optimizer_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("compile_model", [True, False])
+def test_compile_flag_reaches_torch_compile(monkeypatch, compile_model):
+    # A real torch.compile takes about a minute on the CPU, so the call is recorded instead.
+    compiled = []
+
+    def record(module, *args, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", record)
+    config = _tiny_config(epochs=1, compile=compile_model)
+    model = create_slice_model(config.backbone, 3, 2)
+    fit(model, _toy_dataset(), None, config, torch.device("cpu"), seed=0, label="toy")
+    assert compiled == ([model] if compile_model else [])

@@ -1,20 +1,56 @@
-"""One generic loop that fits a slice model with OneCycleLR and predicts with it."""
+"""One generic loop that fits a slice model with OneCycleLR and predicts with it.
+
+fit resumes from a checkpoint and runs data-parallel under torchrun (csfd.distributed); with
+one process and no checkpoint it is the plain loop. config.batch_size is the global batch:
+each of n processes takes batch_size / n items of every batch, so one process and several
+train on the same batches with the same schedule.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from csfd.checkpoint import CHECKPOINT_DIR, CheckpointSpec, capture_rng_state, read_finished_stage, restore_rng_state
 from csfd.config import SliceModelConfig
+from csfd.distributed import (
+    all_reduce_sum,
+    barrier,
+    gather_in_order,
+    get_rank,
+    get_world_size,
+    is_distributed,
+    is_main_process,
+    run_on_main,
+)
+from csfd.models import save_weights
+from csfd.training_loop import TrainLoop, TrainProgress, autocast, make_loader, optimizer_steps_per_epoch, weighted_bce
+
+# Loader, loss and autocast helpers live in training_loop and are part of this module's API.
+__all__ = [
+    "FitResult",
+    "autocast",
+    "evaluate_loss",
+    "fit",
+    "make_grad_scaler",
+    "make_loader",
+    "optimizer_steps_per_epoch",
+    "predict",
+    "resolve_device",
+    "seed_everything",
+    "train_stage",
+    "weighted_bce",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -26,61 +62,32 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """Return the device for config.device; under torchrun on GPUs, this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device is set to cuda but no CUDA GPU is available; set device=cpu or device=auto")
+    if name == "cuda" and is_distributed():
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
-
-
-def _worker_init(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        drop_last=False,
-        generator=generator,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        persistent_workers=False,
-    )
-
-
-def optimizer_steps_per_epoch(n_batches: int, grad_accum_steps: int) -> int:
-    """Return the optimiser steps in an epoch: a last partial accumulation group still steps."""
-    return math.ceil(n_batches / grad_accum_steps)
 
 
 @dataclass
 class FitResult:
     epochs: int
-    optimizer_steps: int
+    optimizer_steps: int  # scheduler steps, including those whose update the GradScaler skipped
     train_loss: float
     valid_loss: float | None
     seconds: float
     final_lr: float  # learning rate of the last optimiser step
     planned_steps: int
+    skipped_steps: int = 0  # optimiser steps the GradScaler skipped because of inf/nan gradients
 
 
-def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, targets, weight=weights, reduction="sum")
-    return loss / weights.sum().clamp_min(1e-6)
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast("cpu", enabled=False)
+def make_grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """Return a GradScaler that is enabled only for float16 autocast (CUDA without bfloat16)."""
+    enabled = device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler("cuda", enabled=enabled)
 
 
 def fit(
@@ -92,12 +99,20 @@ def fit(
     seed: int,
     label: str,
     epoch_subsets=None,
+    *,
+    checkpoint: CheckpointSpec | None = None,
+    grad_scaler: torch.amp.GradScaler | None = None,
 ) -> FitResult:
     """Train `model` for config.epochs with AdamW and OneCycleLR stepped per optimiser step.
 
     `epoch_subsets(epoch) -> indices` optionally picks the items of each epoch (negative-slice
     subsampling); every epoch must have the same length so the schedule's total is known.
+    With `checkpoint`, fit continues from the checkpoint file when it exists and saves it every
+    `checkpoint.every_steps` optimiser steps and at each epoch end (rank 0 only).
+    `grad_scaler` replaces the default GradScaler (tests use an enabled one on the CPU).
     """
+    if config.checkpoint_every_steps < 0:
+        raise ValueError(f"checkpoint_every_steps: expected 0 or more, got {config.checkpoint_every_steps}")
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -109,90 +124,121 @@ def fit(
             train_set.set_epoch(epoch)
         return Subset(train_set, epoch_subsets(epoch)) if epoch_subsets is not None else train_set
 
-    first = epoch_dataset(0)
-    n_batches = math.ceil(len(first) / config.batch_size)
-    steps_per_epoch = optimizer_steps_per_epoch(n_batches, config.grad_accum_steps)
-    total_steps = config.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=total_steps, pct_start=0.1, anneal_strategy="cos"
-    )
-    use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    scaler = grad_scaler if grad_scaler is not None else make_grad_scaler(device)
+    loop = TrainLoop(model, optimizer, config, device, seed, label, len(epoch_dataset(0)), scaler)
+    if checkpoint is not None:
+        loop.restore(checkpoint)
 
     start = time.time()
-    step = 0
-    lr_used = float("nan")
-    train_loss = valid_loss = float("nan")
-    for epoch in range(config.epochs):
-        dataset = first if epoch == 0 else epoch_dataset(epoch)
-        loader = make_loader(dataset, config.batch_size, True, config.num_workers, seed + epoch)
-        model.train()
-        running, seen = 0.0, 0
-        bar = tqdm(loader, desc=f"{label} epoch {epoch + 1}/{config.epochs}", leave=False, mininterval=2.0)
-        for batch_index, (images, targets, weights) in enumerate(bar):
-            images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
-            targets = targets.to(device, non_blocking=True)
-            weights = weights.to(device, non_blocking=True)
-            with _autocast(device):
-                logits = model(images)
-            loss = weighted_bce(logits.float(), targets, weights)
-            scaler.scale(loss / config.grad_accum_steps).backward()
-            last_in_group = (batch_index + 1) % config.grad_accum_steps == 0 or batch_index + 1 == len(loader)
-            if last_in_group:
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                lr_used = optimizer.param_groups[0]["lr"]
-                # Step the schedule even when the scaler skipped the optimiser step, so that it
-                # stays aligned with the planned total and ends exactly at the last step.
-                scheduler.step()
-                step += 1
-            running += float(loss.detach()) * len(images)
-            seen += len(images)
-            bar.set_postfix(loss=f"{running / seen:.4f}", refresh=False)
-        train_loss = running / max(seen, 1)
-        valid_loss = evaluate_loss(model, valid_set, config, device) if valid_set is not None else None
-        logger.info(
-            "%s epoch=%d step=%d lr=%.3e loss=%.5f val_loss=%s",
-            label,
-            epoch + 1,
-            step,
-            scheduler.get_last_lr()[0],
-            train_loss,
-            "n/a" if valid_loss is None else f"{valid_loss:.5f}",
-        )
-    return FitResult(config.epochs, step, train_loss, valid_loss, time.time() - start, lr_used, total_steps)
+    for epoch in range(loop.progress.epoch, config.epochs):
+        loop.run_epoch(epoch_dataset(epoch), checkpoint)
+        loop.progress.valid_loss = evaluate_loss(model, valid_set, config, device) if valid_set is not None else None
+        loop.finish_epoch(checkpoint)
+    progress: TrainProgress = loop.progress
+    if progress.skipped_steps:
+        logger.warning("%s: the GradScaler skipped %d of %d optimiser steps (inf/nan gradients)", label, progress.skipped_steps, progress.step)
+    return FitResult(
+        config.epochs,
+        progress.step,
+        progress.train_loss,
+        progress.valid_loss,
+        time.time() - start,
+        progress.last_lr,
+        loop.total_steps,
+        progress.skipped_steps,
+    )
+
+
+def train_stage(
+    model: nn.Module,
+    train_set: Dataset,
+    valid_set: Dataset | None,
+    config: SliceModelConfig,
+    device: torch.device,
+    seed: int,
+    label: str,
+    epoch_subsets=None,
+    *,
+    run_dir: Path,
+    config_hash: str,
+    weights_meta: dict,
+) -> FitResult:
+    """Fit `model` as the stage `label` of a run folder, or load it if that stage finished.
+
+    Writes run_dir/<label>.pt (the state dict, `weights_meta`, the FitResult and the RNG state
+    at the end of training) and, while training, run_dir/checkpoints/<label>.ckpt. A stage is
+    finished when <label>.pt has this config hash. Loading it also restores the RNG state, so
+    the stages after it start as in an uninterrupted run.
+    """
+    weights_path = Path(run_dir) / f"{label}.pt"
+    finished = run_on_main(read_finished_stage, weights_path, config_hash)
+    if finished is not None:
+        model.load_state_dict(finished["state_dict"])
+        model.to(device)
+        restore_rng_state(finished["rng"])
+        logger.info("Stage %s already finished (%s, config hash %s): loaded it instead of training", label, weights_path, config_hash)
+        return FitResult(**finished["fit_result"])
+
+    spec = CheckpointSpec(Path(run_dir) / CHECKPOINT_DIR / f"{label}.ckpt", config.checkpoint_every_steps, config_hash)
+    result = fit(model, train_set, valid_set, config, device, seed, label, epoch_subsets, checkpoint=spec)
+    if is_main_process():
+        meta = {**weights_meta, "fit_result": asdict(result), "rng": capture_rng_state()}
+        save_weights(model, weights_path, config_hash, meta)
+        # The weights now mark the stage as finished, so its checkpoint is no longer needed.
+        spec.path.unlink(missing_ok=True)
+    barrier()
+    return result
+
+
+def _inference_sampler(dataset: Dataset):
+    """Return None for one process, else this rank's share (DistributedSampler, no shuffling)."""
+    if not is_distributed():
+        return None
+    return DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=False, drop_last=False)
 
 
 @torch.inference_mode()
 def predict(model: nn.Module, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device, label: str = "predict") -> np.ndarray:
-    """Return sigmoid probabilities for every item of `dataset`, in order."""
+    """Return sigmoid probabilities for every item of `dataset`, in order.
+
+    Under torchrun each rank predicts its share and every rank returns the gathered whole.
+    """
     model.to(device).eval()
-    loader = make_loader(dataset, batch_size, False, num_workers, 0)
+    loader = make_loader(dataset, batch_size, False, num_workers, 0, sampler=_inference_sampler(dataset))
     outputs = []
-    for images, _, _ in tqdm(loader, desc=label, leave=False, mininterval=2.0):
+    for images, _, _ in tqdm(loader, desc=label, leave=False, mininterval=2.0, disable=not is_main_process()):
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
+        with autocast(device):
             logits = model(images)
         outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
     n_outputs = getattr(model, "num_classes", 0)
-    return np.concatenate(outputs) if outputs else np.zeros((0, n_outputs), dtype=np.float32)
+    local = np.concatenate(outputs) if outputs else np.zeros((0, n_outputs), dtype=np.float32)
+    return gather_in_order(local, len(dataset))
 
 
 @torch.inference_mode()
 def evaluate_loss(model: nn.Module, dataset: Dataset, config: SliceModelConfig, device: torch.device) -> float:
+    """Return the weighted BCE over `dataset`; under torchrun the ranks split it and sum."""
     model.to(device).eval()
-    loader = make_loader(dataset, config.batch_size, False, config.num_workers, 0)
+    # Unpadded strided shards: every item counts exactly once in the summed loss.
+    sampler = range(get_rank(), len(dataset), get_world_size()) if is_distributed() else None
+    loader = make_loader(dataset, config.batch_size, False, config.num_workers, 0, sampler=sampler)
     total, weight = 0.0, 0.0
     for images, targets, weights in loader:
-        with _autocast(device):
+        with autocast(device):
             logits = model(images.to(device))
         targets, weights = targets.to(device), weights.to(device)
         loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets, weight=weights, reduction="sum")
         total += float(loss)
         weight += float(weights.sum())
+    if is_distributed():
+        sums = all_reduce_sum(torch.tensor([total, weight], dtype=torch.float64, device=_collective_device(device)))
+        total, weight = float(sums[0]), float(sums[1])
     return total / max(weight, 1e-6)
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    # NCCL reduces only CUDA tensors; gloo reduces CPU tensors.
+    return device if device.type == "cuda" else torch.device("cpu")
