@@ -68,35 +68,93 @@ def _stacks(volume: np.ndarray, positions: np.ndarray, context: int, image_size:
     return torch.from_numpy(np.stack(batch))
 
 
+def strided_positions(n_slices: int, stride: int) -> np.ndarray:
+    """Return the position indices a stride-k prediction runs the models on: 0, k, 2k, ... and the last."""
+    if stride < 1:
+        raise ValueError(f"slice stride must be 1 or more, got {stride}")
+    positions = np.arange(0, n_slices, stride)
+    if n_slices > 0 and positions[-1] != n_slices - 1:
+        positions = np.append(positions, n_slices - 1)
+    return positions
+
+
+def interpolate_positions(values: np.ndarray, positions: np.ndarray, n_slices: int) -> np.ndarray:
+    """Expand (len(positions), k) rows predicted at increasing `positions` to (n_slices, k),
+    linear in the position index between them."""
+    if len(positions) == n_slices:
+        return values
+    grid = np.arange(n_slices)
+    return np.stack([np.interp(grid, positions, values[:, column]) for column in range(values.shape[1])], axis=1)
+
+
 @torch.inference_mode()
-def _run_model(model: nn.Module, volume: np.ndarray, context: int, image_size: int, batch_size: int, device: torch.device) -> np.ndarray:
+def _run_model(
+    model: nn.Module,
+    volume: np.ndarray,
+    context: int,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    positions: np.ndarray | None = None,
+    tta_hflip: bool = False,
+) -> np.ndarray:
+    """Return the model's sigmoid outputs for the slices at `positions` (default: every slice).
+
+    With `tta_hflip` each output is the mean of the outputs on the stack and on the stack
+    mirrored left to right (csfd.augment.hflip_stack), at twice the cost.
+    """
+    if positions is None:
+        positions = np.arange(len(volume))
     outputs = []
-    for start in range(0, len(volume), batch_size):
-        positions = np.arange(start, min(start + batch_size, len(volume)))
-        images = _stacks(volume, positions, context, image_size).to(device)
+    for start in range(0, len(positions), batch_size):
+        images = _stacks(volume, positions[start : start + batch_size], context, image_size).to(device)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
-                logits = model(images)
-        else:
-            logits = model(images)
-        outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
+        probabilities = _sigmoid_outputs(model, images, device)
+        if tta_hflip:
+            # Flipping the last axis of the (N, C, H, W) batch mirrors every stack as hflip_stack does.
+            probabilities = (probabilities + _sigmoid_outputs(model, torch.flip(images, dims=(-1,)), device)) / 2.0
+        outputs.append(probabilities)
     return np.concatenate(outputs)
 
 
+def _sigmoid_outputs(model: nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    if device.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
+            logits = model(images)
+    else:
+        logits = model(images)
+    return torch.sigmoid(logits.float()).cpu().numpy()
+
+
 def predict_volume(
-    volume: np.ndarray, fold_models: list[FoldModels], batch_size: int, device: torch.device | None = None
+    volume: np.ndarray,
+    fold_models: list[FoldModels],
+    batch_size: int,
+    device: torch.device | None = None,
+    slice_stride: int = 1,
+    tta_hflip: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (visibility, fracture), each (n_slices, 7), averaged over the fold models."""
+    """Return (visibility, fracture), each (n_slices, 7), averaged over the fold models.
+
+    With slice_stride k > 1 the models run on every k-th slice and the last one only (each
+    still sees its full 2.5D neighbourhood) and the other slices are interpolated linearly.
+    `tta_hflip` adds the left-right mirrored slices (test-time augmentation); None takes
+    predict.tta_hflip from each fold's saved config.
+    """
     device = device or torch.device("cpu")
-    visibility = np.zeros((len(volume), len(VERTEBRAE)), dtype=np.float64)
+    positions = strided_positions(len(volume), slice_stride)
+    visibility = np.zeros((len(positions), len(VERTEBRAE)), dtype=np.float64)
     fracture = np.zeros_like(visibility)
     for models in fold_models:
         vcfg, fcfg = models.config.vertebra, models.config.fracture
-        visibility += _run_model(models.vertebra, volume, vcfg.context_slices, vcfg.image_size, batch_size, device)
-        fracture_out = _run_model(models.fracture, volume, fcfg.context_slices, fcfg.image_size, batch_size, device)
+        flip = models.config.predict.tta_hflip if tta_hflip is None else tta_hflip
+        visibility += _run_model(models.vertebra, volume, vcfg.context_slices, vcfg.image_size, batch_size, device, positions, flip)
+        fracture_out = _run_model(models.fracture, volume, fcfg.context_slices, fcfg.image_size, batch_size, device, positions, flip)
         fracture += fracture_out[:, len(VERTEBRAE) :]
-    return visibility / len(fold_models), fracture / len(fold_models)
+    visibility /= len(fold_models)
+    fracture /= len(fold_models)
+    return interpolate_positions(visibility, positions, len(volume)), interpolate_positions(fracture, positions, len(volume))
 
 
 def slice_predictions_frame(study_uid: str, slice_numbers: np.ndarray, visibility: np.ndarray, fracture: np.ndarray) -> pd.DataFrame:
