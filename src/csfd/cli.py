@@ -56,12 +56,15 @@ def cmd_folds(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from csfd.distributed import distributed_session
     from csfd.train import train_fold
 
     config = _config(args)
     folds = range(config.folds.n_folds) if args.fold == "all" else [int(f) for f in args.fold.split(",")]
-    for fold in folds:
-        train_fold(config, fold)
+    # Under torchrun (WORLD_SIZE > 1) every process joins one process group; otherwise a no-op.
+    with distributed_session(config.device):
+        for fold in folds:
+            train_fold(config, fold, resume=args.resume)
     return 0
 
 
@@ -78,6 +81,47 @@ def cmd_predict(args: argparse.Namespace) -> int:
     config = _config(args, [f"paths.data_dir={args.data}"] if args.data else None)
     output = Path(args.output) if args.output else Path(config.paths.submission_csv)
     run_predict(config, output)
+    return 0
+
+
+def cmd_kernel(args: argparse.Namespace) -> int:
+    from csfd.kernel import build_kernel
+    from csfd.kernel.wheels import WheelError
+
+    config = _config(args)
+    try:
+        build_kernel(config, username=args.username, wheels_dir=args.wheels_dir, output_dir=args.output_dir, script=args.script)
+    except WheelError as error:
+        logger.error("%s", error)
+        return 2
+    return 0
+
+
+def cmd_ssl_study(args: argparse.Namespace) -> int:
+    from csfd.ssl_study import run_study, study_dir
+
+    config = _config(args)
+    summary = run_study(config)
+    logger.info("SSL study written to %s (%.0f s)", study_dir(config), summary["wall_seconds"])
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from csfd.leaderboard import markdown_table, run_leaderboard, summary_columns
+
+    table = run_leaderboard(args.runs, args.output)
+    if table.empty:
+        print(f"no run found under {args.runs}")
+    else:
+        print(markdown_table(table, summary_columns(table)), end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from csfd.report import run_report
+
+    index = run_report(_config(args), study_uid=args.study, method=args.method)
+    print(index)
     return 0
 
 
@@ -124,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the stage-1 slice models of one fold")
     _add_config_arguments(p)
     p.add_argument("--fold", default="0", help="fold index, -1 for all data, 'all' for every fold, or a list 0,1 (default: %(default)s)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the run folder's last checkpoint and finished stages, and fail if the run folder "
+        "has another config (a run folder of the same config is resumed also without this flag)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("stack", help="train the stage-2 LightGBM stacker on out-of-fold predictions")
@@ -136,14 +186,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="submission path (default: paths.submission_csv)")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("kernel", help="build the Kaggle datasets (code, weights, wheels) and the inference kernel")
+    _add_config_arguments(p)
+    p.add_argument("--username", help="Kaggle username of the dataset and kernel ids (default: kernel.username, else $KAGGLE_USERNAME)")
+    p.add_argument("--wheels-dir", help="folder of wheels to copy instead of pip download (default: kernel.wheels_dir)")
+    p.add_argument("--output-dir", help="folder for the four Kaggle folders (default: kernel.output_dir)")
+    p.add_argument("--script", help="kernel script template (default: kernels/csfd_inference.py of this repository)")
+    p.set_defaults(func=cmd_kernel)
+
+    p = sub.add_parser("leaderboard", help="compare the CV of every run folder: leaderboard.csv/.md and figures")
+    p.add_argument("--runs", default="output/runs", help="folder of run folders (default: %(default)s)")
+    p.add_argument("--output", help="folder for the leaderboard files (default: the parent of --runs)")
+    p.set_defaults(func=cmd_leaderboard)
+
+    p = sub.add_parser("report", help="write the visual report of a run into <run folder>/report/")
+    _add_config_arguments(p)
+    p.add_argument("--study", help="StudyInstanceUID shown slice by slice (default: the OOF study with the highest patient_overall)")
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=("auto", "stacker", "aggregate"),
+        help="study-level OOF predictions scored: auto takes stack/summary.json's better method (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("score", help="score predictions with the competition metric (both forms)")
     p.add_argument("--labels", required=True, help="train.csv-format labels")
     p.add_argument("--predictions", required=True, help="submission (row_id, fractured) or wide CSV (StudyInstanceUID, patient_overall or Overall, C1..C7)")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "ssl-study",
+        help="compare supervised and semi-supervised stage 1 at several labelled fractions (settings: ssl.study.*)",
+    )
+    _add_config_arguments(p)
+    p.set_defaults(func=cmd_ssl_study)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sample"]:
+        # argparse's REMAINDER drops options that start with "--", so the sample builder
+        # parses its own arguments.
+        from csfd.sample import main as sample_main
+
+        setup_logging(logging.INFO)
+        return sample_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)

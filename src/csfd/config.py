@@ -81,6 +81,9 @@ class SliceModelConfig:
     # Fraction of negative slices kept per epoch (1.0 keeps all).
     negative_keep: float = 1.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Save a resumable checkpoint every this many optimiser steps; 0 saves at epoch ends only.
+    checkpoint_every_steps: int = 0
+    compile: bool = False  # train through torch.compile(model)
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,96 @@ class PredictConfig:
     batch_size: int = 64
     folds: tuple[int, ...] = ()  # empty means every fold found in the run folder
     method: str = "auto"  # "auto" (the better by CV), "stacker" or "aggregate"
+    # Test-time augmentation: average each slice model's output with its output on the
+    # left-right mirrored slice (twice the inference time). Also used for pseudo-labels and OOF.
+    tta_hflip: bool = False
+    # Predict every k-th slice (and the last) and interpolate the rest linearly; 1 predicts all.
+    slice_stride: int = 1
+    # Studies decoded ahead in a background thread while the models run; 0 decodes in turn.
+    prefetch: int = 1
+    # Deadline guard (csfd.deadline): seconds from the start for the whole prediction; 0 disables it.
+    # When the projected time passes it, the remaining studies use `fallback_folds` folds, then the prior.
+    time_budget_s: float = 0.0
+    fallback_folds: int = 1
+    log_interval_s: float = 60.0  # seconds between progress lines with the ETA
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """The Kaggle inference kernel and its three datasets (`python -m csfd kernel`, csfd.kernel)."""
+
+    # Kaggle user that owns the datasets and the kernel; empty means $KAGGLE_USERNAME, else a placeholder.
+    username: str = ""
+    output_dir: str = "output/kaggle"
+    code_dataset: str = "csfd-code"
+    weights_dataset: str = "csfd-weights"
+    wheels_dataset: str = "csfd-wheels"
+    kernel_slug: str = "csfd-inference"
+    license: str = "CC0-1.0"  # Kaggle license name written to each dataset-metadata.json
+    competition: str = "rsna-2022-cervical-spine-fracture-detection"
+    # Packages the Kaggle image lacks, fetched as binary wheels for its Python and platform. The
+    # version of each is the one installed here (requirements.txt pins them).
+    wheel_packages: tuple[str, ...] = (
+        "dicomsdl",
+        "pydicom",
+        "pylibjpeg",
+        "pylibjpeg-libjpeg",
+        "pylibjpeg-openjpeg",
+        "pylibjpeg-rle",
+    )
+    python_version: str = "3.11"
+    # The image's platform; a manylinux_2_N tag also accepts wheels for every older glibc.
+    platform: str = "manylinux_2_35_x86_64"
+    wheels_dir: str = ""  # a local folder of wheels to copy instead of running pip download
+    # Kaggle stops a code-competition kernel after 9 h; this leaves 30 min for start-up and writing.
+    time_budget_s: float = 30600.0
+
+
+@dataclass(frozen=True)
+class SSLStudyConfig:
+    """The label-fraction study (`python -m csfd ssl-study`): supervised vs semi-supervised."""
+
+    fractions: tuple[float, ...] = (0.25, 0.5, 1.0)  # shares of the training folds' segmented studies
+    seeds: tuple[int, ...] = (0, 1, 2)
+    folds: tuple[int, ...] = (0,)
+    rounds: int = 1  # self-training rounds of the semi-supervised arm
+    bootstrap: int = 2000  # bootstrap resamples of the held-out studies for the intervals
+    fracture_epochs: int = 5  # fracture.epochs of every cell (a budget choice); 0 keeps fracture.epochs
+    # Also run the supervised model fine-tuned on the labelled studies alone for as many
+    # optimiser steps as the semi-supervised student (vertebra stage only).
+    matched_control: bool = True
+    name: str = ""  # study folder under paths.runs_dir; empty means ssl-study-<experiment name>
+
+
+@dataclass(frozen=True)
+class SSLConfig:
+    """Self-training of the vertebra model and refinement of the fracture targets (csfd.ssl)."""
+
+    rounds: int = 0  # self-training rounds; 0 trains on the labelled segmented studies only
+    labelled_fraction: float = 1.0  # share of the training folds' segmented studies whose labels are used
+    teacher_weights: str = ""  # a vertebra.pt to use as the round-0 model instead of training one
+    student_epochs: int = 0  # 0 means vertebra.epochs
+    student_init: str = "teacher"  # "teacher" (fine-tune the previous round's model) or "scratch"
+    pseudo_ratio: float = 2.0  # pseudo-labelled slices per labelled slice in each epoch; 0 uses all
+    hard_labels: bool = False  # 0/1 targets at 0.5 instead of the probabilities
+    # A pseudo-labelled slice with any probability strictly between these is uncertain and
+    # gets uncertain_weight (0 drops it); every pseudo-labelled slice is scaled by pseudo_weight.
+    confidence_low: float = 0.2
+    confidence_high: float = 0.8
+    uncertain_weight: float = 0.0
+    pseudo_weight: float = 1.0
+    # Anatomical consistency of C1..C7 along z before pseudo-labels become targets (csfd.anatomy).
+    anatomy: bool = True
+    anatomy_min_level_mm: float = 7.0  # a vertebra spans at least this many mm of slices
+    anatomy_skip_penalty: float = 10.0  # nats per vertebra missing between two others
+    anatomy_edge_penalty: float = 10.0  # nats per vertebra missing above or below the scan; 0 for partial scans
+    anatomy_identity_noise: float = 0.1  # probability that a visible vertebra is named wrongly
+    anatomy_smooth_sigma: float = 0.0  # Gaussian smoothing along z, in slices
+    # Fracture-target refinement rounds in stage 1c, and the smallest share of its target that
+    # a positive slice keeps.
+    fracture_rounds: int = 0
+    fracture_floor: float = 0.25
+    study: SSLStudyConfig = field(default_factory=SSLStudyConfig)
 
 
 @dataclass(frozen=True)
@@ -124,6 +217,8 @@ class ExperimentConfig:
     fracture: SliceModelConfig = field(default_factory=SliceModelConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
     def to_dict(self) -> dict:
         return _to_plain(dataclasses.asdict(self))
@@ -258,6 +353,63 @@ def _validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"{section}.grad_accum_steps: expected 1 or more, got {model.grad_accum_steps}")
         if not 0.0 < model.negative_keep <= 1.0:
             raise ConfigError(f"{section}.negative_keep: expected a value in (0, 1], got {model.negative_keep}")
+    _validate_ssl(config.ssl)
+    _validate_predict(config.predict)
+
+
+def _validate_predict(predict: PredictConfig) -> None:
+    if predict.slice_stride < 1:
+        raise ConfigError(f"predict.slice_stride: expected 1 or more, got {predict.slice_stride}")
+    if predict.prefetch < 0:
+        raise ConfigError(f"predict.prefetch: expected 0 or more, got {predict.prefetch}")
+    if predict.time_budget_s < 0:
+        raise ConfigError(f"predict.time_budget_s: expected 0 (no budget) or more seconds, got {predict.time_budget_s}")
+    if predict.fallback_folds < 1:
+        raise ConfigError(f"predict.fallback_folds: expected 1 or more, got {predict.fallback_folds}")
+    if predict.log_interval_s <= 0:
+        raise ConfigError(f"predict.log_interval_s: expected a positive number of seconds, got {predict.log_interval_s}")
+
+
+def _validate_ssl(ssl: SSLConfig) -> None:
+    checks = [
+        (ssl.rounds >= 0, f"ssl.rounds: expected 0 or more, got {ssl.rounds}"),
+        (0.0 < ssl.labelled_fraction <= 1.0, f"ssl.labelled_fraction: expected a value in (0, 1], got {ssl.labelled_fraction}"),
+        (ssl.student_epochs >= 0, f"ssl.student_epochs: expected 0 or more, got {ssl.student_epochs}"),
+        (ssl.student_init in ("teacher", "scratch"), f"ssl.student_init: expected teacher or scratch, got {ssl.student_init!r}"),
+        (ssl.pseudo_ratio >= 0.0, f"ssl.pseudo_ratio: expected 0 or more, got {ssl.pseudo_ratio}"),
+        (
+            0.0 <= ssl.confidence_low <= 0.5 <= ssl.confidence_high <= 1.0,
+            f"ssl.confidence_low and ssl.confidence_high: expected 0 <= low <= 0.5 <= high <= 1, "
+            f"got {ssl.confidence_low} and {ssl.confidence_high}",
+        ),
+        (0.0 <= ssl.uncertain_weight <= 1.0, f"ssl.uncertain_weight: expected a value in [0, 1], got {ssl.uncertain_weight}"),
+        (ssl.pseudo_weight >= 0.0, f"ssl.pseudo_weight: expected 0 or more, got {ssl.pseudo_weight}"),
+        (ssl.anatomy_min_level_mm >= 0.0, f"ssl.anatomy_min_level_mm: expected 0 or more, got {ssl.anatomy_min_level_mm}"),
+        (ssl.anatomy_skip_penalty >= 0.0, f"ssl.anatomy_skip_penalty: expected 0 or more, got {ssl.anatomy_skip_penalty}"),
+        (ssl.anatomy_edge_penalty >= 0.0, f"ssl.anatomy_edge_penalty: expected 0 or more, got {ssl.anatomy_edge_penalty}"),
+        (
+            0.0 <= ssl.anatomy_identity_noise < 1.0,
+            f"ssl.anatomy_identity_noise: expected a value in [0, 1), got {ssl.anatomy_identity_noise}",
+        ),
+        (ssl.anatomy_smooth_sigma >= 0.0, f"ssl.anatomy_smooth_sigma: expected 0 or more, got {ssl.anatomy_smooth_sigma}"),
+        (ssl.fracture_rounds >= 0, f"ssl.fracture_rounds: expected 0 or more, got {ssl.fracture_rounds}"),
+        (0.0 <= ssl.fracture_floor <= 1.0, f"ssl.fracture_floor: expected a value in [0, 1], got {ssl.fracture_floor}"),
+    ]
+    study = ssl.study
+    checks += [
+        (
+            len(study.fractions) > 0 and all(0.0 < f <= 1.0 for f in study.fractions),
+            f"ssl.study.fractions: expected one or more values in (0, 1], got {list(study.fractions)}",
+        ),
+        (len(study.seeds) > 0, "ssl.study.seeds: expected at least one seed"),
+        (len(study.folds) > 0 and all(f >= 0 for f in study.folds), f"ssl.study.folds: expected fold indices >= 0, got {list(study.folds)}"),
+        (study.rounds >= 1, f"ssl.study.rounds: expected 1 or more, got {study.rounds}"),
+        (study.bootstrap >= 100, f"ssl.study.bootstrap: expected at least 100 resamples, got {study.bootstrap}"),
+        (study.fracture_epochs >= 0, f"ssl.study.fracture_epochs: expected 0 or more, got {study.fracture_epochs}"),
+    ]
+    for valid, message in checks:
+        if not valid:
+            raise ConfigError(message)
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:

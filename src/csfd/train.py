@@ -19,8 +19,10 @@ from csfd.data import SliceStackDataset, StudyVolumes
 from csfd.folds import read_folds
 from csfd.io_utils import atomic_write_csv, atomic_write_text
 from csfd.logs import add_file_log
-from csfd.models import create_slice_model, save_weights
-from csfd.trainer import FitResult, fit, predict, resolve_device, seed_everything
+from csfd.models import create_slice_model
+from csfd.trainer import resolve_device, seed_everything, train_stage
+from csfd.checkpoint import start_run_dir
+from csfd.distributed import barrier, is_main_process, run_on_main
 
 logger = logging.getLogger(__name__)
 
@@ -124,26 +126,31 @@ def _negative_subsampler(targets: np.ndarray, keep: float, seed: int):
     return pick
 
 
-def _slice_accuracy(probabilities: np.ndarray, truth: np.ndarray) -> float:
-    return float(((probabilities > 0.5) == (truth > 0.5)).mean()) if len(truth) else float("nan")
+def train_fold(config: ExperimentConfig, fold: int, resume: bool = False) -> dict:
+    """Run stage 1 for `fold` and write its run folder; return the metrics.
 
-
-def train_fold(config: ExperimentConfig, fold: int) -> dict:
-    """Run stage 1 for `fold` and write its run folder; return the metrics."""
+    A run folder of the same config continues from its checkpoints and finished stages. With
+    `resume`, a run folder of another config raises ConfigError (csfd.checkpoint.start_run_dir).
+    Under torchrun every rank trains and only rank 0 writes files.
+    """
     from csfd.cache import StudyCache
 
     run_dir = config.run_dir(fold)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_handler = add_file_log(run_dir / "train.log")
+    run_on_main(start_run_dir, config, run_dir, resume)
+    log_handler = add_file_log(run_dir / "train.log") if is_main_process() else None
     try:
-        return _train_fold(config, fold, run_dir, StudyCache(Path(config.paths.cache_dir), "train"))
+        metrics = _train_fold(config, fold, run_dir, StudyCache(Path(config.paths.cache_dir), "train"))
     finally:
-        logging.getLogger().removeHandler(log_handler)
-        log_handler.close()
+        if log_handler is not None:
+            logging.getLogger().removeHandler(log_handler)
+            log_handler.close()
+    barrier()
+    return metrics
 
 
 def _train_fold(config: ExperimentConfig, fold: int, run_dir: Path, cache) -> dict:
-    save_config(config, run_dir / "config.yaml")
+    if is_main_process():
+        save_config(config, run_dir / "config.yaml")
     seed = config.seed + max(fold, 0)
     seed_everything(seed)
     device = resolve_device(config.device)
@@ -157,34 +164,31 @@ def _train_fold(config: ExperimentConfig, fold: int, run_dir: Path, cache) -> di
     boxes = pd.read_csv(boxes_path) if boxes_path.is_file() else pd.DataFrame(columns=["StudyInstanceUID", "slice_number"])
     metrics: dict = {"fold": fold, "config_hash": config.hash(), "n_train_studies": len(train_uids), "n_valid_studies": len(valid_uids)}
 
-    # Stage 1a: the vertebra model learns C1..C7 visibility on the segmented training studies.
-    seg_train = [u for u in train_uids if u in segmented]
-    seg_valid = [u for u in valid_uids if u in segmented]
-    if not seg_train:
-        raise ValueError(f"fold {fold}: no segmented study among the training folds; the vertebra model needs some")
-    vcfg = config.vertebra
-    in_chans = 2 * vcfg.context_slices + 1
-    vertebra_model = create_slice_model(vcfg.backbone, in_chans, len(VERTEBRAE), vcfg.pretrained_path)
-    table_seg_train = SliceTable(cache.slices, seg_train)
-    table_seg_valid = SliceTable(cache.slices, seg_valid)
-    train_set = table_seg_train.dataset(cache, vcfg, _vertebra_targets(table_seg_train, vertebra_labels), augment=True, seed=seed)
-    valid_targets = _vertebra_targets(table_seg_valid, vertebra_labels) if seg_valid else None
-    valid_set = table_seg_valid.dataset(cache, vcfg, valid_targets) if seg_valid else None
-    result: FitResult = fit(vertebra_model, train_set, valid_set, vcfg, device, seed, "vertebra")
-    save_weights(vertebra_model, run_dir / "vertebra.pt", config.hash(), {"in_chans": in_chans, "num_outputs": len(VERTEBRAE)})
-    metrics["vertebra"] = {"train_loss": result.train_loss, "valid_loss": result.valid_loss, "optimizer_steps": result.optimizer_steps}
-    if seg_valid:
-        valid_probs = predict(vertebra_model, valid_set, vcfg.batch_size, vcfg.num_workers, device, "vertebra valid")
-        metrics["vertebra"]["valid_slice_accuracy"] = _slice_accuracy(valid_probs, valid_targets)
+    # Stage 1a/1b (csfd.ssl): the vertebra model learns C1..C7 visibility on the labelled
+    # segmented training studies (ssl.labelled_fraction of them; the others count as unlabelled),
+    # self-trains for ssl.rounds rounds on the unlabelled training studies, then labels every
+    # study. Studies with true labels keep them as targets for the fracture model.
+    from csfd.ssl import run_vertebra_stage, split_vertebra_studies
 
-    # Stage 1b: pseudo-labels. The vertebra model labels every slice of every study; segmented
-    # training studies keep their true labels as targets for the fracture model.
-    all_uids = sorted(set(train_uids) | set(valid_uids))
-    table_all = SliceTable(cache.slices, all_uids)
-    visibility_pred = predict(vertebra_model, table_all.dataset(cache, vcfg, None), vcfg.batch_size, vcfg.num_workers, device, "pseudo-labels")
-    pseudo = table_all.frame.copy()
-    pseudo[list(VERTEBRAE)] = visibility_pred
-    atomic_write_csv(pseudo[~pseudo["StudyInstanceUID"].isin(segmented)], run_dir / "pseudo_labels.csv", float_format="%.5f")
+    try:
+        split = split_vertebra_studies(train_uids, valid_uids, segmented, config.ssl.labelled_fraction, seed)
+    except ValueError as error:
+        raise ValueError(f"fold {fold}: {error}") from error
+    segmented = split.true_labels
+    vertebra = run_vertebra_stage(
+        config,
+        cache,
+        run_dir,
+        device,
+        seed,
+        labelled=split.labelled,
+        unlabelled=split.unlabelled,
+        valid_segmented=split.valid_segmented,
+        all_studies=sorted(set(train_uids) | set(valid_uids)),
+        vertebra_labels=vertebra_labels,
+    )
+    metrics["vertebra"] = vertebra.metrics
+    pseudo = vertebra.labels
 
     # Stage 1c: the fracture model on every training study, 2.5D input.
     fcfg = config.fracture
@@ -201,13 +205,30 @@ def _train_fold(config: ExperimentConfig, fold: int, run_dir: Path, cache) -> di
         valid_targets, valid_weights = _fracture_targets(table_valid, visibility_valid, labels, boxes, fcfg)
         valid_set = table_valid.dataset(cache, fcfg, valid_targets, valid_weights)
     sampler = _negative_subsampler(targets, fcfg.negative_keep, seed)
-    result = fit(fracture_model, train_set, valid_set, fcfg, device, seed, "fracture", sampler)
-    save_weights(fracture_model, run_dir / "fracture.pt", config.hash(), {"in_chans": in_chans_f, "num_outputs": 2 * len(VERTEBRAE)})
+    from csfd.ssl import fracture_stage_name, refine_fracture_stage
+
+    fracture_meta = {"in_chans": in_chans_f, "num_outputs": 2 * len(VERTEBRAE)}
+    result = train_stage(
+        fracture_model, train_set, valid_set, fcfg, device, seed, fracture_stage_name(0, config.ssl.fracture_rounds), sampler,
+        run_dir=run_dir, config_hash=config.hash(), weights_meta=fracture_meta,
+    )
+    refinement = []
+    if config.ssl.fracture_rounds:
+        # Pseudo-label refinement: the previous round's model re-weights which visible slices of
+        # a fractured vertebra carry the fracture; box slices stay fixed positives.
+        fracture_model, result, refinement = refine_fracture_stage(
+            config, cache, run_dir, device, seed, model=fracture_model, table=table_train, targets=targets,
+            weights=weights, valid_set=valid_set, sampler=sampler, boxes=boxes, weights_meta=fracture_meta,
+        )
     metrics["fracture"] = {"train_loss": result.train_loss, "valid_loss": result.valid_loss, "optimizer_steps": result.optimizer_steps}
+    if refinement:
+        metrics["fracture"]["refinement"] = refinement
 
     if valid_uids:
-        metrics["cv"] = _write_oof(config, run_dir, fracture_model, table_valid, pseudo, labels, cache, device)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
+        # The OOF visibility is the vertebra model's raw output, as at test time (csfd.inference).
+        metrics["cv"] = _write_oof(config, run_dir, fracture_model, table_valid, vertebra.predictions, labels, cache, device)
+    if is_main_process():
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
     logger.info("Fold %d done: %s", fold, json.dumps(metrics, default=float))
     return metrics
 
@@ -227,12 +248,16 @@ def _write_oof(config, run_dir, fracture_model, table_valid, pseudo, labels, cac
     from csfd.features import aggregate_predictions
     from csfd.metric import competition_score
 
+    from csfd.ssl import predict_probabilities
+
     fcfg = config.fracture
-    probs = predict(fracture_model, table_valid.dataset(cache, fcfg, None), fcfg.batch_size, fcfg.num_workers, device, "OOF")
+    dataset = table_valid.dataset(cache, fcfg, None)
+    probs = predict_probabilities(fracture_model, dataset, fcfg.batch_size, fcfg.num_workers, device, "OOF", config.predict.tta_hflip)
     oof = table_valid.frame.merge(pseudo, on=["StudyInstanceUID", "slice_number", "position_index"], how="left")
     oof = oof.rename(columns={v: f"vis_{v}" for v in VERTEBRAE})
     oof[FRAC_COLUMNS] = probs[:, len(VERTEBRAE) :]
-    atomic_write_csv(oof, run_dir / "oof_slices.csv", float_format="%.5f")
+    if is_main_process():
+        atomic_write_csv(oof, run_dir / "oof_slices.csv", float_format="%.5f")
     study_predictions = aggregate_predictions(oof)
     study_labels = labels.loc[study_predictions["StudyInstanceUID"]].reset_index()
     score = competition_score(study_labels, study_predictions)
