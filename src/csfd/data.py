@@ -24,14 +24,53 @@ def stack_indices(position: int, n_slices: int, context: int) -> np.ndarray:
     return np.clip(position + offsets, 0, n_slices - 1)
 
 
+def _resize_stack(stack: np.ndarray, image_size: int) -> np.ndarray:
+    """Resize a (C, H, W) uint8 stack to (C, image_size, image_size) with cv2.INTER_AREA; stays uint8."""
+    size = (image_size, image_size)
+    if stack.shape[0] > 4:
+        # OpenCV 4.13 has INTER_AREA kernels for 1 to 4 channels only. It treats channels
+        # independently, so resizing one channel at a time gives the same pixels.
+        return np.stack([cv2.resize(channel, size, interpolation=cv2.INTER_AREA) for channel in stack])
+    image = cv2.resize(stack.transpose(1, 2, 0), size, interpolation=cv2.INTER_AREA)
+    if image.ndim == 2:
+        image = image[:, :, None]
+    return image.transpose(2, 0, 1)
+
+
+def _scale_to_unit(stack: np.ndarray) -> np.ndarray:
+    """Return uint8 pixels as a new C-contiguous float32 array in [0, 1].
+
+    One float32 array is allocated and divided in place, which gives the same values as
+    `stack.astype(np.float32) / 255.0` without its second full-size array.
+    """
+    image = stack.astype(np.float32, order="C")
+    np.divide(image, np.float32(255.0), out=image)
+    return image
+
+
 def to_model_input(stack: np.ndarray, image_size: int) -> np.ndarray:
     """Resize a (C, H, W) uint8 stack to the model's size and scale it to float32 in [0, 1]."""
     if stack.shape[1] != image_size or stack.shape[2] != image_size:
-        image = cv2.resize(stack.transpose(1, 2, 0), (image_size, image_size), interpolation=cv2.INTER_AREA)
-        if image.ndim == 2:
-            image = image[:, :, None]
-        stack = image.transpose(2, 0, 1)
-    return np.ascontiguousarray(stack, dtype=np.float32) / 255.0
+        stack = _resize_stack(stack, image_size)
+    return _scale_to_unit(stack)
+
+
+def batch_model_input(volume: np.ndarray, positions: np.ndarray, context: int, image_size: int) -> np.ndarray:
+    """Return the (B, C, S, S) float32 inputs of the 2.5D stacks centred on `positions`.
+
+    Equal to stacking `to_model_input` of each stack, but the slices are gathered with one
+    indexing operation, resized as uint8 and converted to float32 once for the whole batch.
+    """
+    positions = np.asarray(positions, dtype=np.int64)
+    offsets = np.arange(-context, context + 1)
+    indices = np.clip(positions[:, None] + offsets, 0, len(volume) - 1)
+    stacks = np.asarray(volume[indices])  # (B, C, H, W) uint8
+    if stacks.shape[2] != image_size or stacks.shape[3] != image_size:
+        resized = np.empty((len(positions), len(offsets), image_size, image_size), dtype=np.uint8)
+        for item, stack in enumerate(stacks):
+            resized[item] = _resize_stack(stack, image_size)
+        stacks = resized
+    return _scale_to_unit(stacks)
 
 
 class SliceStackDataset(Dataset):

@@ -1,0 +1,608 @@
+"""Benchmark DICOM decoding and the prepare stage on real-format 512 x 512 CT slices.
+
+Builds a benchmark data set in a temporary folder from one real slice: copies of it with
+distinct ImagePositionPatient, InstanceNumber and SOPInstanceUID. One set keeps the source's
+transfer syntax and its compressed pixel data unchanged (the default source is JPEG Lossless
+SV1, 1.2.840.10008.1.2.4.70). The other set holds the same pixels decompressed to Explicit VR
+Little Endian. Then it measures, side by side in one run:
+
+- decode only: pydicom (with the pylibjpeg plugins) and dicomsdl, one process;
+- csfd.dicom_io.read_slice per reader, and read_slice + window + resize (the per-slice work
+  of the prepare stage);
+- the prepare stage end to end (prepare_split: decode, HU, window, resize, order, store)
+  with 1 and 2 worker processes;
+- where the prepare time goes, step by step, and one candidate speed-up;
+- StudyCache random reads of uint8 384 x 384 slices.
+
+Run with `make bench-prepare` or `python -m benchmarks.bench_prepare --help`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmarks.common import (
+    CpuMeter,
+    Timing,
+    format_table,
+    load_average,
+    machine_info,
+    peak_rss_mib,
+    time_repeated,
+    wait_for_quiet_machine,
+    write_results,
+)
+
+logger = logging.getLogger("benchmarks.bench_prepare")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SOURCE = REPO.parent / "shared" / "data" / "real-ct" / "cspine-slice" / "IM-0001-0001-0001.dcm"
+# Slices in the competition's train_images (2,019 studies), most of them JPEG Lossless SV1.
+COMPETITION_TRAIN_SLICES = 711_601
+TARGETS = {
+    "dicomsdl_vs_pydicom": 3.5,
+    "prepare_vs_dicomsdl_decode": 0.8,
+    "two_vs_one_process": 1.8,
+    "cache_reads_per_s": 5000.0,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark data
+
+
+def write_study_copies(dataset, study_dir: Path, study_index: int, n_slices: int) -> None:
+    """Write `n_slices` copies of `dataset` as <n>.dcm, 1 mm apart along z, with fresh UIDs."""
+    from pydicom.uid import generate_uid
+
+    study_dir.mkdir(parents=True, exist_ok=True)
+    x, y, z0 = (float(v) for v in dataset.ImagePositionPatient)
+    dataset.StudyInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    for k in range(n_slices):
+        uid = generate_uid()
+        dataset.SOPInstanceUID = uid
+        dataset.file_meta.MediaStorageSOPInstanceUID = uid
+        dataset.InstanceNumber = k + 1
+        dataset.ImagePositionPatient = [x, y, z0 - 1.0 * k]
+        dataset.save_as(study_dir / f"{k + 1}.dcm")
+
+
+def format_label(transfer_syntax) -> str:
+    """Return a short table label such as "JPEGLosslessSV1 (1.2.840.10008.1.2.4.70)"."""
+    return f"{transfer_syntax.keyword} ({transfer_syntax})"
+
+
+def build_benchmark_data(source: Path, root: Path, n_studies: int, slices_per_study: int) -> dict[str, Path]:
+    """Write the benchmark studies in the competition layout; return {format label: data folder}.
+
+    The first format is the source file's own transfer syntax (pixel data copied unchanged),
+    the second the same pixels decompressed to Explicit VR Little Endian.
+    """
+    import pydicom
+
+    stored = pydicom.dcmread(source)
+    if stored.Rows != 512 or stored.Columns != 512:
+        logger.warning("%s is %d x %d, not 512 x 512 like most competition slices", source, stored.Rows, stored.Columns)
+    decompressed = pydicom.dcmread(source)
+    if decompressed.file_meta.TransferSyntaxUID.is_compressed:
+        decompressed.decompress()
+    folders = {format_label(stored.file_meta.TransferSyntaxUID): stored,
+               format_label(decompressed.file_meta.TransferSyntaxUID): decompressed}
+    if len(folders) == 1:
+        raise ValueError(f"{source} is already uncompressed; pass a compressed slice with --source")
+    data_dirs = {}
+    for index, (label, dataset) in enumerate(folders.items()):
+        data_dir = root / f"data{index}"
+        # An empty segmentations folder keeps prepare_split from warning that it is missing.
+        (data_dir / "segmentations").mkdir(parents=True, exist_ok=True)
+        for study in range(n_studies):
+            study_dir = data_dir / "train_images" / f"1.2.826.0.1.3680043.99.{study + 1}"
+            write_study_copies(dataset, study_dir, study, slices_per_study)
+        data_dirs[label] = data_dir
+    return data_dirs
+
+
+def slice_files(data_dir: Path) -> list[Path]:
+    return sorted((data_dir / "train_images").glob("*/*.dcm"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode and per-slice measurements
+
+
+def decode_pydicom(path: Path) -> np.ndarray:
+    import pydicom
+
+    return pydicom.dcmread(path).pixel_array
+
+
+def decode_dicomsdl(path: Path) -> np.ndarray:
+    import dicomsdl
+
+    return dicomsdl.open(str(path)).pixelData(storedvalue=True)
+
+
+def measure_per_slice(files: list[Path], repeats: int, names: tuple[str, ...] | None = None) -> dict[str, Timing]:
+    """Time each per-slice reader (or only those in `names`) over every file, in one process."""
+    from csfd.config import PrepareConfig
+    from csfd.dicom_io import read_slice
+    from csfd.volume import slice_transform
+
+    transform = slice_transform(PrepareConfig(image_size=384))
+    candidates = {
+        "pydicom decode": decode_pydicom,
+        "dicomsdl decode": decode_dicomsdl,
+        "read_slice (pydicom)": lambda path: read_slice(path, ("pydicom",)),
+        "read_slice (dicomsdl)": lambda path: read_slice(path, ("dicomsdl",)),
+        "read_slice (dicomsdl) + window + resize": lambda path: transform(read_slice(path, ("dicomsdl",)).hu),
+    }
+    timings = {}
+    for name, read in candidates.items():
+        if names is not None and name not in names:
+            continue
+        for path in files[:8]:  # loads the decoder plugins before timing
+            read(path)
+        timings[name] = time_repeated(lambda: [read(path) for path in files], len(files), repeats, warmup=0)
+        logger.info("%s: %.0f slices/s", name, timings[name].rate)
+    return timings
+
+
+def pydicom_plugins(transfer_syntax: str) -> str:
+    from pydicom.pixels import get_decoder
+
+    decoder = get_decoder(transfer_syntax)
+    return ", ".join(decoder.available_plugins) if decoder.is_available else "none"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the prepare time goes
+
+
+def stored_to_uint8_table(frame, path: Path, prepare) -> np.ndarray:
+    """Build the 65,536-entry table from a 16-bit stored word to the cached uint8 value.
+
+    Every step from the decoded word to the windowed uint8 (masking, sign, padding, rescale,
+    window) depends on the word alone, so one table lookup per pixel gives the same result.
+    Only for BitsAllocated 16. A candidate speed-up measured here, not used by the pipeline.
+    NOTE: the candidate leaves out read_slice's plausibility check, which a pipeline using the
+    table would still need (it can run on the stored values, scaled by RescaleSlope).
+    """
+    from csfd.dicom_io import _stored_to_hu, to_stored_values
+    from csfd.volume import window_to_uint8
+
+    words = np.arange(2**16, dtype=np.uint32)
+    stored = to_stored_values(words, frame.bits_stored, frame.pixel_representation)
+    return window_to_uint8(_stored_to_hu(stored, frame, path), prepare.window_center, prepare.window_width)
+
+
+def measure_prepare_steps(files: list[Path], repeats: int) -> tuple[dict[str, float], dict[str, float], bool]:
+    """Return (ms per slice of each step of read_slice + transform, of the lookup-table candidate, outputs equal).
+
+    The steps call the same csfd functions as read_slice (dicomsdl reader) in the same order.
+    """
+    import dicomsdl
+
+    from csfd.config import PrepareConfig
+    from csfd.dicom_io import _stored_to_hu, check_ct_plausibility, to_stored_values
+    from csfd.dicom_readers import RawFrame, _build_header
+    from csfd.volume import resize_keep_aspect, window_to_uint8
+
+    prepare = PrepareConfig(image_size=384)
+    steps = ("open file", "parse header", "decode pixels", "mask and sign", "rescale to HU",
+             "plausibility check", "window to uint8", "resize to 384")
+    totals = dict.fromkeys(steps, 0.0)
+    table_totals = {"lookup table (cached per header)": 0.0, "resize to 384": 0.0}
+    tables: dict[tuple, np.ndarray] = {}
+    identical = True
+    for _ in range(repeats):
+        for path in files:
+            clock = [time.perf_counter()]
+
+            def tick(step: str) -> None:
+                clock.append(time.perf_counter())
+                totals[step] += clock[-1] - clock[-2]
+
+            dataset = dicomsdl.open(str(path))
+            tick("open file")
+            header = _build_header(lambda keyword: dataset[keyword], str(dataset.TransferSyntaxUID or ""), path)
+            tick("parse header")
+            pixels = dataset.pixelData(index=0, storedvalue=True)
+            tick("decode pixels")
+            frame = RawFrame(pixels=pixels, warnings=[], **header)
+            stored = to_stored_values(pixels, frame.bits_stored, frame.pixel_representation)
+            tick("mask and sign")
+            hu = _stored_to_hu(stored, frame, path)
+            tick("rescale to HU")
+            check_ct_plausibility(hu)
+            tick("plausibility check")
+            windowed = window_to_uint8(hu, prepare.window_center, prepare.window_width)
+            tick("window to uint8")
+            expected = resize_keep_aspect(windowed, prepare.image_size)
+            tick("resize to 384")
+
+            key = (frame.bits_stored, frame.pixel_representation, frame.rescale_slope, frame.rescale_intercept,
+                   frame.pixel_padding_value, frame.pixel_padding_range_limit)
+            start = time.perf_counter()
+            table = tables.get(key)
+            if table is None:
+                table = tables[key] = stored_to_uint8_table(frame, path, prepare)
+            looked_up = np.take(table, pixels)
+            middle = time.perf_counter()
+            candidate = resize_keep_aspect(looked_up, prepare.image_size)
+            end = time.perf_counter()
+            table_totals["lookup table (cached per header)"] += middle - start
+            table_totals["resize to 384"] += end - middle
+            identical = identical and np.array_equal(candidate, expected)
+    n = repeats * len(files)
+    return ({step: 1000 * total / n for step, total in totals.items()},
+            {step: 1000 * total / n for step, total in table_totals.items()}, identical)
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepare stage end to end
+
+
+def measure_prepare_split(data_dir: Path, work: Path, workers: int, repeats: int, n_slices: int) -> dict:
+    """Run prepare_split into a fresh cache `repeats` times; return wall and in-worker rates."""
+    from csfd.config import load_config
+    from csfd.prepare import prepare_split
+
+    config = load_config(None, [f"prepare.workers={workers}", "prepare.image_size=384", "prepare.exclude_studies=[]"])
+    walls, in_worker, cores = [], [], []
+    for repeat in range(repeats):
+        cache_dir = work / f"cache-w{workers}-{repeat}"
+        with CpuMeter() as meter:  # the pool's workers are waited for inside prepare_split
+            report = prepare_split(data_dir, cache_dir, "train", config)
+        walls.append(meter.wall_s)
+        cores.append(meter.cores_used)
+        done = report[report["status"] == "done"]
+        if len(done) != len(report) or int(done["n_slices"].sum()) != n_slices:
+            raise RuntimeError(f"prepare_split did not prepare every benchmark study:\n{report.to_string()}")
+        in_worker.append(float(done["seconds"].sum()))
+        shutil.rmtree(cache_dir)
+    timing = Timing(n_slices, walls)
+    # Per-study seconds summed and shared over the workers: the work itself, without pool
+    # start-up and table writing, and assuming the studies spread evenly over the workers.
+    worker_seconds = float(np.median(in_worker)) / min(workers, int(report.shape[0]))
+    return {"timing": timing, "in_worker_rate": n_slices / worker_seconds,
+            "overhead_s": timing.median_s - worker_seconds, "cores_used": float(np.median(cores))}
+
+
+# ---------------------------------------------------------------------------------------------
+# StudyCache random reads
+
+
+def build_synthetic_cache(cache_dir: Path, n_studies: int, n_slices: int, size: int, seed: int = 0) -> list[str]:
+    """Write uint8 volumes and slices.csv in the prepared-cache layout; return the study UIDs."""
+    from csfd import cache
+
+    rng = np.random.default_rng(seed)
+    studies = cache.studies_dir(cache_dir, "train")
+    studies.mkdir(parents=True, exist_ok=True)
+    uids, frames = [], []
+    for index in range(n_studies):
+        uid = f"1.2.826.0.1.3680043.98.{index + 1}"
+        np.save(cache.volume_path(studies, uid), rng.integers(0, 256, size=(n_slices, size, size), dtype=np.uint8))
+        frames.append(pd.DataFrame({
+            "StudyInstanceUID": uid,
+            "slice_number": np.arange(1, n_slices + 1),
+            "position_index": np.arange(n_slices),
+            "z": -np.arange(n_slices, dtype=float),
+        }))
+        uids.append(uid)
+    pd.concat(frames).to_csv(cache.split_dir(cache_dir, "train") / "slices.csv", index=False)
+    return uids
+
+
+def measure_cache_reads(cache_dir: Path, uids: list[str], n_slices: int, reads: int, repeats: int) -> dict[str, Timing]:
+    """Time random single-slice reads and random 3-slice 2.5D stack reads through StudyCache."""
+    from csfd.cache import StudyCache
+    from csfd.data import stack_indices
+
+    rng = np.random.default_rng(1)
+    study_picks = rng.integers(0, len(uids), size=reads)
+    position_picks = rng.integers(0, n_slices, size=reads)
+    reader = StudyCache(cache_dir, "train")
+
+    def read_slices() -> None:
+        for study, position in zip(study_picks, position_picks):
+            np.array(reader.volume(uids[study])[position])
+
+    def read_stacks() -> None:
+        for study, position in zip(study_picks, position_picks):
+            volume = reader.volume(uids[study])
+            np.asarray(volume[stack_indices(int(position), volume.shape[0], 1)])
+
+    return {
+        "single slice": time_repeated(read_slices, reads, repeats),
+        "3-slice stack (2.5D, context 1)": time_repeated(read_stacks, reads, repeats),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def hours(slices: int, rate: float) -> float:
+    return slices / rate / 3600
+
+
+def measure_format(data_dir: Path, work: Path, args: argparse.Namespace, full: bool) -> dict:
+    """Measure one format's folder: per-slice rates, and prepare_split for each worker count.
+
+    `full` adds every per-slice reader and the step breakdown. Without it, only dicomsdl decode
+    and the per-slice prepare work are timed, which is all the malloc variant needs.
+    """
+    n_slices = args.studies * args.slices_per_study
+    # Per-slice rates do not depend on the study layout, so a spread-out subset of files is enough.
+    files = slice_files(data_dir)
+    files = files[:: max(1, len(files) // args.decode_files)][: args.decode_files]
+    names = None if full else ("dicomsdl decode", "read_slice (dicomsdl) + window + resize")
+    entry = {"slices": n_slices, "per_slice": measure_per_slice(files, args.repeats, names)}
+    if full:
+        entry["steps_ms"], entry["table_ms"], entry["table_identical"] = measure_prepare_steps(files, args.repeats)
+    entry["prepare"] = {w: measure_prepare_split(data_dir, work, w, args.repeats, n_slices) for w in args.workers}
+    entry["load_average_after"] = load_average()
+    return entry
+
+
+# glibc returns freed blocks above its mmap and trim thresholds to the kernel at once, so each
+# multi-megabyte temporary of the HU conversion is page-faulted in again for the next slice.
+# Raising both thresholds keeps the memory in the process (see mallopt(3)). The environment
+# variables only take effect in a process started with them, so the variant runs in a child.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
+MALLOC_LABEL = "glibc malloc thresholds 256 MiB"
+
+
+def measure_format_in_child(data_dir: Path, work: Path, args: argparse.Namespace, env: dict[str, str]) -> dict:
+    """Run measure_format(full=False) in a new Python process with `env` added; return its result."""
+    import subprocess
+
+    command = [sys.executable, "-m", "benchmarks.bench_prepare", "--child", str(data_dir), "--child-work", str(work),
+               "--studies", str(args.studies), "--slices-per-study", str(args.slices_per_study),
+               "--decode-files", str(args.decode_files), "--repeats", str(args.repeats),
+               "--workers", *(str(w) for w in args.workers)]
+    completed = subprocess.run(command, env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"the child benchmark failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+    return decode_entry(json.loads(completed.stdout.strip().splitlines()[-1]))
+
+
+def encode_entry(entry: dict) -> dict:
+    """Turn measure_format's result into JSON-ready values (Timing -> its fields)."""
+    def timing(value: Timing) -> dict:
+        return {"items": value.items, "seconds": value.seconds}
+
+    return {
+        "slices": entry["slices"],
+        "per_slice": {name: timing(value) for name, value in entry["per_slice"].items()},
+        "prepare": {str(w): {**result, "timing": timing(result["timing"])} for w, result in entry["prepare"].items()},
+        "load_average_after": entry["load_average_after"],
+    }
+
+
+def decode_entry(data: dict) -> dict:
+    def timing(value: dict) -> Timing:
+        return Timing(value["items"], value["seconds"])
+
+    return {
+        "slices": data["slices"],
+        "per_slice": {name: timing(value) for name, value in data["per_slice"].items()},
+        "prepare": {int(w): {**result, "timing": timing(result["timing"])} for w, result in data["prepare"].items()},
+        "load_average_after": tuple(data["load_average_after"]),
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    load_before = wait_for_quiet_machine(args.max_load, args.max_wait_min * 60)
+    info = machine_info()
+    info["load_average_before"] = load_average()
+    work = Path(tempfile.mkdtemp(prefix="csfd-bench-prepare-"))
+    started = time.perf_counter()
+    try:
+        logger.info("writing %d studies x %d slices per format under %s", args.studies, args.slices_per_study, work)
+        data_dirs = build_benchmark_data(args.source, work, args.studies, args.slices_per_study)
+        formats = []
+        for label, data_dir in data_dirs.items():
+            syntax = label.rsplit("(", 1)[1].rstrip(")")
+            entry = measure_format(data_dir, work, args, full=True)
+            formats.append({"format": label, "pydicom_plugins": pydicom_plugins(syntax), **entry})
+        if args.malloc_variant:
+            label, data_dir = next(iter(data_dirs.items()))
+            logger.info("repeating %s in a child process with %s", label, MALLOC_ENV)
+            entry = measure_format_in_child(data_dir, work, args, MALLOC_ENV)
+            formats.append({"format": f"{label} [{MALLOC_LABEL}]", "variant": True, **entry})
+
+        cache_dir = work / "synthetic-cache"
+        uids = build_synthetic_cache(cache_dir, args.cache_studies, args.cache_slices, 384)
+        cache_reads = measure_cache_reads(cache_dir, uids, args.cache_slices, args.reads, args.repeats)
+    finally:
+        if args.keep:
+            logger.info("kept the benchmark files in %s", work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    info["load_average_after"] = load_average()
+    info["seconds"] = round(time.perf_counter() - started, 1)
+    info["peak_rss_mib"] = peak_rss_mib()
+    return summarise(args, info, load_before, formats, cache_reads)
+
+
+def step_breakdown_rows(entry: dict) -> list[dict]:
+    label, rows = entry["format"], []
+    path = "read_slice (dicomsdl) + window + resize"
+    for step, ms in entry["steps_ms"].items():
+        rows.append({"format": label, "path": path, "step": step, "ms/slice": ms})
+    if 1 in entry["prepare"]:
+        prepare_ms = 1000 / entry["prepare"][1]["timing"].rate
+        rows.append({"format": label, "path": path,
+                     "step": "rest of prepare_split (ordering, stacking, .npy/.json/.csv writes)",
+                     "ms/slice": prepare_ms - sum(entry["steps_ms"].values())})
+    path = "candidate: lookup table"
+    for step in ("open file", "parse header", "decode pixels"):
+        rows.append({"format": label, "path": path, "step": step, "ms/slice": entry["steps_ms"][step]})
+    for step, ms in entry["table_ms"].items():
+        rows.append({"format": label, "path": path, "step": step, "ms/slice": ms})
+    rows.append({"format": label, "path": path, "step": "output equal to the pipeline's", "ms/slice": None,
+                 "note": "yes" if entry["table_identical"] else "NO"})
+    return rows
+
+
+def prepare_target_rows(label: str, entry: dict) -> list[dict]:
+    rows = []
+    prepare, decode = entry["prepare"], entry["per_slice"]["dicomsdl decode"]
+    if 1 in prepare:
+        ratio = prepare[1]["timing"].rate / decode.rate
+        rows.append({"format": label, "target": "prepare_split (1 process, wall) / dicomsdl decode",
+                     "wanted": f">= {TARGETS['prepare_vs_dicomsdl_decode']}", "measured": ratio,
+                     "met": ratio >= TARGETS["prepare_vs_dicomsdl_decode"]})
+    if 1 in prepare and 2 in prepare:
+        for kind, key in (("wall", None), ("in-worker", "in_worker_rate")):
+            two = prepare[2]["timing"].rate if key is None else prepare[2][key]
+            one = prepare[1]["timing"].rate if key is None else prepare[1][key]
+            rows.append({"format": label, "target": f"prepare_split 2 processes / 1 process ({kind})",
+                         "wanted": f">= {TARGETS['two_vs_one_process']}", "measured": two / one,
+                         "met": two / one >= TARGETS["two_vs_one_process"]})
+    return rows
+
+
+def summarise(args, info: dict, load_before: float, formats: list[dict], cache_reads: dict[str, Timing]) -> dict:
+    rate_rows, step_rows, target_rows = [], [], []
+    for entry in formats:
+        label = entry["format"]
+        for name, timing in entry["per_slice"].items():
+            rate_rows.append({"format": label, "measurement": name, "processes": 1, "slices/s": timing.rate,
+                              "spread": timing.spread, "runs": len(timing.seconds)})
+        for workers, result in entry["prepare"].items():
+            timing = result["timing"]
+            rate_rows.append({"format": label, "measurement": "prepare_split (wall, incl. pool start-up and tables)",
+                              "processes": workers, "slices/s": timing.rate, "spread": timing.spread,
+                              "runs": len(timing.seconds), "fixed overhead s": result["overhead_s"],
+                              "cores used": result["cores_used"]})
+            rate_rows.append({"format": label, "measurement": "prepare_split (in-worker study time)",
+                              "processes": workers, "slices/s": result["in_worker_rate"], "spread": None,
+                              "runs": len(timing.seconds)})
+        if "steps_ms" in entry:
+            step_rows += step_breakdown_rows(entry)
+        per_slice = entry["per_slice"]
+        if "pydicom decode" in per_slice:
+            ratio = per_slice["dicomsdl decode"].rate / per_slice["pydicom decode"].rate
+            target_rows.append({"format": label, "target": "dicomsdl decode / pydicom decode",
+                                "wanted": f">= {TARGETS['dicomsdl_vs_pydicom']}", "measured": ratio,
+                                "met": ratio >= TARGETS["dicomsdl_vs_pydicom"]})
+        target_rows += prepare_target_rows(label, entry)
+
+    cache_rows = [{"read": name, "items/s": timing.rate, "slices/s": timing.rate * (3 if "3-slice" in name else 1),
+                   "spread": timing.spread, "runs": len(timing.seconds)} for name, timing in cache_reads.items()]
+    single = cache_reads["single slice"].rate
+    target_rows.append({"format": "uint8 384 x 384 cache", "target": "StudyCache random single-slice reads per s",
+                        "wanted": f">= {TARGETS['cache_reads_per_s']:.0f}", "measured": single,
+                        "met": single >= TARGETS["cache_reads_per_s"]})
+
+    projection_rows = []
+    for entry in formats:
+        if entry is not formats[0] and not entry.get("variant"):
+            continue
+        for workers, result in entry["prepare"].items():
+            # The fixed overhead (pool start-up, tables) comes once per run, so the in-worker
+            # rate is the one that scales to 2,019 studies.
+            rate = result["in_worker_rate"]
+            projection_rows.append({"basis": f"{entry['format']}: prepare_split in-worker rate, {workers} process(es)",
+                                    "slices/s": rate, "hours for 711,601 slices": hours(COMPETITION_TRAIN_SLICES, rate)})
+    rate = formats[0]["per_slice"]["dicomsdl decode"].rate
+    projection_rows.append({"basis": f"{formats[0]['format']}: dicomsdl decode alone, 1 process",
+                            "slices/s": rate, "hours for 711,601 slices": hours(COMPETITION_TRAIN_SLICES, rate)})
+
+    return {
+        "machine": info,
+        "command": " ".join(sys.argv),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "load_average_at_start": load_before,
+        "rates": rate_rows,
+        "steps": step_rows,
+        "cache_reads": cache_rows,
+        "targets": target_rows,
+        "projection": projection_rows,
+        "per_format_load_after": {entry["format"]: entry["load_average_after"] for entry in formats},
+    }
+
+
+def print_report(result: dict) -> None:
+    machine = result["machine"]
+    print(f"\nMachine: {machine['cpu_model']}, {machine['cores']} cores, {machine['memory_gib']} GiB; "
+          f"{machine['date']}; load average before {tuple(round(v, 2) for v in machine['load_average_before'])}, "
+          f"after {tuple(round(v, 2) for v in machine['load_average_after'])}")
+    print("\nThroughput (median of the timed runs; spread = (slowest - fastest) / median):\n")
+    print(format_table(result["rates"], ["format", "measurement", "processes", "slices/s", "spread", "runs",
+                                         "fixed overhead s", "cores used"]))
+    print("\nWhere one slice's time goes (1 process, dicomsdl reader):\n")
+    print(format_table(result["steps"], ["format", "path", "step", "ms/slice", "note"]))
+    print("\nStudyCache random reads (page cache warm):\n")
+    print(format_table(result["cache_reads"], ["read", "items/s", "slices/s", "spread", "runs"]))
+    print("\nTargets:\n")
+    print(format_table(result["targets"], ["format", "target", "wanted", "measured", "met"]))
+    print(f"\nProjection for the competition's train_images (711,601 slices, all decoding like "
+          f"{result['rates'][0]['format']}), at the measured rates:\n")
+    print(format_table(result["projection"], ["basis", "slices/s", "hours for 711,601 slices"]))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
+                        help="a compressed single-frame CT slice to copy (default: the real C-spine JPEG Lossless slice)")
+    parser.add_argument("--studies", type=int, default=4, help="benchmark studies per format (default 4)")
+    parser.add_argument("--slices-per-study", type=int, default=128, help="slices per benchmark study (default 128)")
+    parser.add_argument("--decode-files", type=int, default=128,
+                        help="files per format for the per-slice measurements (default 128)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="prepare.workers values to run (default 1 2)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is reported")
+    parser.add_argument("--cache-studies", type=int, default=4, help="studies in the synthetic cache (default 4)")
+    parser.add_argument("--cache-slices", type=int, default=350, help="slices per synthetic cache study (default 350)")
+    parser.add_argument("--reads", type=int, default=5000, help="random cache reads per timed run (default 5000)")
+    parser.add_argument("--max-load", type=float, default=0.7,
+                        help="wait for a 1-minute load average below this before measuring (default 0.7)")
+    parser.add_argument("--max-wait-min", type=float, default=0.0,
+                        help="minutes to wait for that load at most; 0 measures at once (default 0)")
+    parser.add_argument("--no-malloc-variant", dest="malloc_variant", action="store_false",
+                        help=f"skip the repeat of the compressed format with {MALLOC_LABEL}")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary benchmark files")
+    # Internal: measure one prepared benchmark folder and print the result as JSON (used by the malloc variant).
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=Path("output/bench"), help="folder for prepare.json and prepare.csv")
+    args = parser.parse_args(argv)
+    if args.child is None and not args.source.is_file():
+        parser.error(f"source slice not found: {args.source}; pass a real compressed CT slice with --source")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # prepare_split logs a summary line and draws a progress bar per run, and the benchmark
+    # prints its own tables. tqdm 4.67 reads TQDM_DISABLE as the default of its `disable` argument.
+    logging.getLogger("csfd").setLevel(logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    args = parse_args(argv)
+    if args.child is not None:
+        print(json.dumps(encode_entry(measure_format(args.child, args.child_work, args, full=False))))
+        return
+    result = run(args)
+    print_report(result)
+    rows = [{"table": name, **row} for name in ("rates", "steps", "cache_reads", "targets", "projection") for row in result[name]]
+    json_path, csv_path = write_results("prepare", result, rows, args.output)
+    print(f"\nWrote {json_path} and {csv_path}")
+
+
+if __name__ == "__main__":
+    main()
