@@ -155,7 +155,8 @@ def _tiny_study_config(tiny_run, runs_dir: Path):
             "vertebra.epochs=3",  # 3 epochs: the OneCycle schedule never totals exactly 10 steps
             "fracture.image_size=24",
             "fracture.negative_keep=0.2",
-            "ssl.study.fracture_epochs=1",
+            "ssl.study.fracture_epochs=3",  # 3 epochs, for the same reason
+            "ssl.study.student_epochs=3",
             "ssl.study.fractions=[0.5, 1.0]",
             "ssl.study.seeds=[0, 1]",
             "ssl.study.bootstrap=200",

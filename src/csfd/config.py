@@ -167,7 +167,9 @@ class SSLStudyConfig:
     folds: tuple[int, ...] = (0,)
     rounds: int = 1  # self-training rounds of the semi-supervised arm
     bootstrap: int = 2000  # bootstrap resamples of the held-out studies for the intervals
-    fracture_epochs: int = 5  # fracture.epochs of every cell (a budget choice); 0 keeps fracture.epochs
+    # Budget choices for every cell: fracture.epochs and ssl.student_epochs; 0 keeps the config's.
+    fracture_epochs: int = 5
+    student_epochs: int = 10
     # Also run the supervised model fine-tuned on the labelled studies alone for as many
     # optimiser steps as the semi-supervised student (vertebra stage only).
     matched_control: bool = True
@@ -406,6 +408,7 @@ def _validate_ssl(ssl: SSLConfig) -> None:
         (study.rounds >= 1, f"ssl.study.rounds: expected 1 or more, got {study.rounds}"),
         (study.bootstrap >= 100, f"ssl.study.bootstrap: expected at least 100 resamples, got {study.bootstrap}"),
         (study.fracture_epochs >= 0, f"ssl.study.fracture_epochs: expected 0 or more, got {study.fracture_epochs}"),
+        (study.student_epochs >= 0, f"ssl.study.student_epochs: expected 0 or more, got {study.student_epochs}"),
     ]
     for valid, message in checks:
         if not valid:

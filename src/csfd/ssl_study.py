@@ -278,7 +278,7 @@ def matched_student_epochs(config: ExperimentConfig) -> int:
     confidence filtering leaves fewer pseudo-labelled slices).
     """
     ssl = config.ssl
-    epochs = ssl.student_epochs or config.vertebra.epochs
+    epochs = config.ssl.study.student_epochs or ssl.student_epochs or config.vertebra.epochs
     if ssl.pseudo_ratio <= 0:
         logger.warning("ssl.pseudo_ratio is 0 (every pseudo-labelled slice each epoch): the control keeps %d epochs, not matched", epochs)
         return epochs
@@ -289,6 +289,7 @@ def cell_config(config: ExperimentConfig, cell: Cell, root: Path, teacher_weight
     """Return the experiment config of one cell: its run folder is <root>/cells/<cell>/fold<k>."""
     study = config.ssl.study
     changes: dict = {
+        "student_epochs": study.student_epochs or config.ssl.student_epochs,
         "rounds": 0 if cell.arm == "supervised" else study.rounds,
         "labelled_fraction": cell.fraction,
         "teacher_weights": str(teacher_weights) if teacher_weights is not None else "",
