@@ -182,10 +182,11 @@ def test_study_table_rows_and_intervals(tiny_study):
     finite = table.dropna(subset=["difference_low", "difference_high"])
     assert len(finite) >= len(table) - 2  # macro F1 may be undefined only without any prediction
     assert (finite["difference_low"] <= finite["difference_high"]).all()
-    np.testing.assert_allclose(table["difference"], table["semi_supervised"] - table["supervised"], atol=1e-9)
+    # table.csv rounds to 6 decimals.
+    np.testing.assert_allclose(table["difference"], table["semi_supervised"] - table["supervised"], atol=2e-6)
     vertebra = table[table["metric"].str.startswith("vertebra")]
     fracture = table[table["metric"].str.startswith("competition")]
-    np.testing.assert_allclose(vertebra["difference_matched"], vertebra["semi_supervised"] - vertebra["supervised_matched"], atol=1e-9)
+    np.testing.assert_allclose(vertebra["difference_matched"], vertebra["semi_supervised"] - vertebra["supervised_matched"], atol=2e-6)
     assert vertebra["supervised_matched"].notna().all()
     # The compute-matched control trains no fracture model.
     assert fracture["supervised_matched"].isna().all()
