@@ -108,7 +108,7 @@ def test_partial_scan_keeps_its_levels():
 
 
 def test_edge_penalty_places_every_level():
-    # A model that sees vertebrae but names only C2 below C1: the full chain spreads C3..C7
+    # A model that detects vertebrae but names only C2 below C1: the full chain spreads C3..C7
     # over those slices in order instead of calling them all C2.
     levels = [None] * 2 + [0] * 3 + [1] * 15 + [None] * 3
     p = probabilities(levels, high=0.6, low=0.1)

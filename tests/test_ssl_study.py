@@ -234,10 +234,12 @@ def test_study_cells_and_pairing(tiny_study):
 
     record0 = json.loads((semi / "pseudo_labels" / "round0.json").read_text())
     record1 = json.loads((semi / "pseudo_labels" / "round1.json").read_text())
-    assert record0["round"] == 0 and record0["trains_round"] == 1
+    assert record0["round"] == 0
+    assert record0["trains_round"] == 1
     assert record0["teacher_weights"] == "vertebra_round0.pt"
     assert record0["teacher_sha256"] == file_sha256(semi / "vertebra_round0.pt")
-    assert record1["round"] == 1 and record1["trains_round"] is None
+    assert record1["round"] == 1
+    assert record1["trains_round"] is None
     assert record1["teacher_weights"] == "vertebra.pt"
     assert record1["teacher_sha256"] == file_sha256(semi / "vertebra.pt")
     final = pd.read_csv(semi / "pseudo_labels.csv")

@@ -15,9 +15,8 @@ inside the ring of C1). A gap state Ck/Ck+1 (a disc) and the states above and be
 thoracic spine) show no cervical vertebra. Each state has binary visibility templates.
 
 A template's likelihood reads the slice's seven probabilities as two pieces of evidence: their
-sum, how many vertebrae the slice shows (a model unsure which level it sees spreads the
-probability over several levels, but the sum stays near 1), and their shares, which vertebra
-it is. The identity part is mixed, with weight `identity_noise`, with a uniform guess: a slice
+sum, how many vertebrae the slice shows, and their shares, which vertebra it is. A model unsure
+of the level spreads the probability over several levels, but the sum stays near 1. The identity part is mixed, with weight `identity_noise`, with a uniform guess: a slice
 model often sees a vertebra but names the wrong level, so a confident C5 block where C3
 belongs becomes C3 instead of being explained away as empty slices. On the synthetic sample
 this reading gave better labels than independent Bernoulli outputs, because a weak model's
@@ -203,12 +202,16 @@ def _template_log_likelihoods(p: np.ndarray, epsilon: float, identity_noise: flo
     identity = p / np.maximum(total, 1e-12)[:, None]
     result = []
     for templates, log_prior in _TEMPLATES:
-        shown = templates.sum(axis=1)  # vertebrae per template: 0, 1 or 2
+        vertebra_count = templates.sum(axis=1)  # vertebrae per template: 0, 1 or 2
         mass = identity @ templates.T  # (n, templates): identity mass on the template's vertebrae
         with np.errstate(divide="ignore"):
-            log_identity = np.log((1.0 - identity_noise) * mass + identity_noise * shown[None, :] / N_LEVELS)
-        count_term = np.where(shown[None, :] == 2, np.log(double)[:, None], np.log1p(-double)[:, None])
-        ll = np.where(shown[None, :] == 0, np.log1p(-presence)[:, None], np.log(presence)[:, None] + log_identity + count_term)
+            log_identity = np.log((1.0 - identity_noise) * mass + identity_noise * vertebra_count[None, :] / N_LEVELS)
+        count_term = np.where(vertebra_count[None, :] == 2, np.log(double)[:, None], np.log1p(-double)[:, None])
+        ll = np.where(
+            vertebra_count[None, :] == 0,
+            np.log1p(-presence)[:, None],
+            np.log(presence)[:, None] + log_identity + count_term,
+        )
         result.append(ll + log_prior[None, :])
     return result
 
@@ -315,7 +318,7 @@ def count_order_violations(
 ) -> int:
     """Count the places where the most likely visible vertebra moves up the spine along z.
 
-    Only slices with some probability above `threshold` take part; each step from such a slice
+    Only slices with some probability above `threshold` take part. Each step from such a slice
     to the next such slice whose most likely vertebra is more superior counts once.
     """
     p = _check_probabilities(probabilities)

@@ -72,7 +72,7 @@ def select_labelled(segmented_uids: Sequence[str], fraction: float, seed: int) -
 
 @dataclass(frozen=True)
 class VertebraSplit:
-    """Which studies the vertebra stage of a fold treats as labelled, unlabelled and held out."""
+    """The studies of a fold's vertebra stage: labelled, unlabelled and held out."""
 
     labelled: list[str]  # training studies whose segmentation labels are used
     unlabelled: list[str]  # training studies without used labels (pseudo-labelled when ssl.rounds > 0)
@@ -250,9 +250,9 @@ def predict_probabilities(
 def vertebra_metrics(probabilities: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Return slice metrics of C1..C7 visibility at `threshold`.
 
-    output_accuracy: share of correct (slice, vertebra) outputs; exact_match: share of slices
-    with all seven outputs correct; macro_f1: F1 per vertebra averaged over the vertebrae that
-    are present or predicted (a vertebra with neither is left out).
+    output_accuracy is the share of correct (slice, vertebra) outputs, and exact_match the share
+    of slices with all seven outputs correct. macro_f1 averages the F1 of the vertebrae that are
+    present or predicted, so a vertebra with neither is left out.
     """
     predicted = np.asarray(probabilities) > threshold
     actual = np.asarray(truth) > 0.5
@@ -327,9 +327,10 @@ def run_vertebra_stage(
 ) -> VertebraStage:
     """Train the vertebra model with ssl.rounds self-training rounds and label every study.
 
-    `labelled`: training studies with true labels; `unlabelled`: training studies the
-    students see with pseudo-labels; `valid_segmented`: held-out segmented studies for the
-    validation loss and metrics; `all_studies`: the studies of the final labels. Writes
+    `labelled` are the training studies with true labels and `unlabelled` the training
+    studies that students train on with pseudo-labels. `valid_segmented` are the held-out
+    segmented studies for the validation loss and metrics, and `all_studies` the studies of
+    the final labels. Writes
     vertebra.pt (the final model), vertebra_round<r>.pt for earlier rounds, the pseudo-label
     sets and pseudo_labels.csv (the final set without the studies that have true labels).
     """
@@ -471,8 +472,11 @@ def _student(context: _Context, teacher: nn.Module, labelled: list[str], pseudo:
 
 
 def _pseudo_sampler(n_labelled: int, pseudo_weights: np.ndarray, ratio: float, seed: int):
-    """Return a per-epoch index picker: every labelled slice, and pseudo-labelled slices of
-    nonzero weight, at most `ratio` per labelled slice, drawn anew each epoch; ratio 0 keeps all."""
+    """Return a per-epoch index picker over the labelled slices and the pseudo-labelled ones.
+
+    Each epoch takes every labelled slice and a new random draw of at most `ratio` pseudo-labelled
+    slices of nonzero weight per labelled slice. Ratio 0 takes every such slice.
+    """
     usable = n_labelled + np.flatnonzero(pseudo_weights > 0)
     if ratio > 0:
         n_pick = min(len(usable), max(1, int(round(ratio * n_labelled))))
@@ -578,8 +582,8 @@ def refine_fracture_targets(
     """Return fracture targets re-weighted by a fracture model's slice predictions.
 
     `targets` is (n, 7), the study label times visibility, or (n, 14) with visibility first;
-    only the fracture part changes. `predictions` holds the model's fracture probabilities in
-    the same layout. For each study and vertebra, the positive slices (target > 0) that carry
+    only the fracture part changes. `predictions` contains the model's fracture probabilities
+    in the same layout. For each study and vertebra, the positive slices (target > 0) that carry
     no box get target * (floor + (1 - floor) * q), where q is the slice's prediction over the
     largest prediction among the group's positive slices. Box slices and negatives stay as
     they are, so the slice the model finds most fractured keeps its full target.

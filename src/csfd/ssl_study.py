@@ -3,8 +3,8 @@
 For every fold in ssl.study.folds, seed in ssl.study.seeds and labelled fraction in
 ssl.study.fractions, these arms run on the same folds CSV:
 
-    supervised          stage 1 with ssl.rounds = 0: the vertebra model sees the labelled
-                        studies only (the pipeline without self-training)
+    supervised          stage 1 with ssl.rounds = 0: the vertebra model trains on the
+                        labelled studies only (the pipeline without self-training)
     semi_supervised     stage 1 with ssl.rounds = ssl.study.rounds, starting from the
                         supervised cell's vertebra model as its round-0 teacher
     supervised_matched  the vertebra stage only: the supervised cell's model fine-tuned on the
@@ -200,8 +200,9 @@ def paired_bootstrap(
 
     `baseline` and `treatment` are (seeds, studies, statistics): per-study statistics of each
     seed's run, with the studies in the same order. A resample draws studies with replacement
-    within each stratum (the fold) and applies the same draw to both arms and every seed; the
-    metric is compute(sum over the drawn studies), and the difference is averaged over seeds.
+    within each stratum (the fold) and applies the same draw to both arms and every seed. The
+    metric of a resample is compute(sum over the drawn studies), and the difference is
+    averaged over seeds.
     """
     baseline = np.asarray(baseline, dtype=np.float64)
     treatment = np.asarray(treatment, dtype=np.float64)
@@ -272,10 +273,10 @@ def study_arms(config: ExperimentConfig) -> tuple[str, ...]:
 def matched_student_epochs(config: ExperimentConfig) -> int:
     """Return the student epochs of the compute-matched control.
 
-    A semi-supervised epoch holds the labelled slices plus at most pseudo_ratio times as many
-    pseudo-labelled ones; the control sees only the labelled slices, so it runs
-    1 + pseudo_ratio times as many epochs for the same optimiser steps (at most, when
-    confidence filtering leaves fewer pseudo-labelled slices).
+    A semi-supervised epoch contains the labelled slices plus at most pseudo_ratio times as
+    many pseudo-labelled ones. The control trains on the labelled slices only, so it runs
+    1 + pseudo_ratio times as many epochs. It then takes as many optimiser steps as the
+    student, or more when confidence filtering leaves fewer pseudo-labelled slices.
     """
     ssl = config.ssl
     epochs = config.ssl.study.student_epochs or ssl.student_epochs or config.vertebra.epochs
@@ -651,10 +652,10 @@ def plot_fractions(table: pd.DataFrame, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = ["vertebra_exact_match", "vertebra_macro_f1", "competition_per_study"]
+    plotted_metrics = ["vertebra_exact_match", "vertebra_macro_f1", "competition_per_study"]
     arms = (("supervised", "supervised"), ("semi_supervised", "semi-supervised"), ("supervised_matched", "supervised, matched steps"))
-    figure, axes = plt.subplots(1, len(shown), figsize=(4.4 * len(shown), 3.8))
-    for axis, metric in zip(axes, shown):
+    figure, axes = plt.subplots(1, len(plotted_metrics), figsize=(4.4 * len(plotted_metrics), 3.8))
+    for axis, metric in zip(axes, plotted_metrics):
         rows = table[table["metric"] == metric].sort_values("fraction")
         for arm, label in arms:
             if rows[arm].notna().any():
