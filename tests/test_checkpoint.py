@@ -35,7 +35,7 @@ from csfd.trainer import fit, train_stage
 from csfd.training_loop import TrainLoop
 
 
-def _toy_dataset(n: int = 11) -> TensorDataset:
+def _toy_dataset(n: int = 14) -> TensorDataset:
     """Images, targets and per-output loss weights, as the trainer expects."""
     generator = torch.Generator().manual_seed(1)
     images = torch.rand(n, 3, 8, 8, generator=generator)
@@ -126,7 +126,7 @@ def test_checkpoint_records_position(tmp_path):
     payload = load_checkpoint(spec.path, "hash-a", "toy")
     assert payload["progress"]["epoch"] == 2
     assert payload["progress"]["batch"] == 0
-    assert payload["progress"]["step"] == 6  # 2 epochs of ceil(11 / 4) = 3 batches
+    assert payload["progress"]["step"] == 6  # 2 epochs of 3 full batches of 4 (14 items, 2 dropped)
     assert payload["total_steps"] == 6
     assert set(payload) >= {"model", "optimizer", "scheduler", "scaler", "rng"}
     assert set(payload["rng"]) >= {"python", "numpy", "torch"}

@@ -198,7 +198,14 @@ def test_shards_form_single_process_batches(n_items, batch, world):
         sampler.set_epoch(2)
         shards.append(list(sampler))
     expected = list(single)
-    assert sorted(i for b in expected for i in b) == list(range(n_items))
+    seen = sorted(i for b in expected for i in b)
+    assert len(set(seen)) == len(seen)
+    if n_items >= batch:
+        # A short last batch is dropped: full batches only.
+        assert len(seen) == (n_items // batch) * batch
+        assert all(len(b) == batch for b in expected)
+    else:
+        assert seen == list(range(n_items))
     for rank_batches in shards:
         assert len(rank_batches) == len(expected)  # every rank runs the same number of steps
     for index, batch_items in enumerate(expected):
@@ -222,6 +229,25 @@ def test_sampler_order_depends_on_seed_and_epoch_only():
     assert len(sampler) == 2
     with pytest.raises(ValueError, match="outside"):
         sampler.set_start_batch(6)
+
+
+def test_short_last_batch_is_dropped_and_varies_by_epoch():
+    # 10 items in batches of 4: the 2 items left over would make a batch of 2 (1 per rank on
+    # 2 ranks, which BatchNorm rejects); they are dropped, and other items each epoch.
+    sampler = ShardedBatchSampler(10, 4, seed=1)
+    assert sampler.n_batches == 2
+    left_out = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert [len(b) for b in batches] == [4, 4]
+        left_out.append(set(range(10)) - {i for b in batches for i in b})
+    assert len({frozenset(s) for s in left_out}) > 1
+    # Fewer items than one batch: the one short batch is kept.
+    assert list(ShardedBatchSampler(3, 4, seed=1)) != []
+    assert ShardedBatchSampler(3, 4, seed=1).n_batches == 1
+    # Without shuffling (not used for training) every item stays.
+    assert ShardedBatchSampler(10, 4, shuffle=False).n_batches == 3
 
 
 def test_single_process_has_no_group(monkeypatch):

@@ -13,7 +13,7 @@ from torch.utils.data import Subset
 from csfd.config import SliceModelConfig
 from csfd.constants import VERTEBRAE
 from csfd.data import SliceStackDataset
-from csfd.train import _negative_subsampler
+from csfd.fracture_targets import negative_subsampler
 from csfd.trainer import fit, make_loader
 
 N_VERTEBRAE = len(VERTEBRAE)
@@ -41,13 +41,13 @@ def fracture_targets(n_positive: int, n_negative: int, seed: int = 0) -> tuple[n
 
 def test_subsampler_keep_one_returns_none():
     targets, _ = fracture_targets(3, 10)
-    assert _negative_subsampler(targets, 1.0, seed=0) is None
+    assert negative_subsampler(targets, 1.0, seed=0) is None
 
 
 @pytest.mark.parametrize("keep", [0.1, 0.25, 0.5, 0.9])
 def test_subsampler_keeps_every_positive(keep):
     targets, positives = fracture_targets(7, 40)
-    pick = _negative_subsampler(targets, keep, seed=0)
+    pick = negative_subsampler(targets, keep, seed=0)
     for epoch in range(5):
         chosen = pick(epoch)
         assert set(positives) <= set(chosen.tolist())
@@ -56,7 +56,7 @@ def test_subsampler_keeps_every_positive(keep):
 @pytest.mark.parametrize("keep, expected_negatives", [(0.1, 4), (0.25, 10), (0.5, 20), (0.9, 36)])
 def test_subsampler_fixed_negatives_per_epoch(keep, expected_negatives):
     targets, positives = fracture_targets(7, 40)
-    pick = _negative_subsampler(targets, keep, seed=0)
+    pick = negative_subsampler(targets, keep, seed=0)
     for epoch in range(5):
         chosen = pick(epoch)
         negatives = np.setdiff1d(chosen, positives)
@@ -72,7 +72,7 @@ def test_subsampler_threshold_and_visibility():
     targets[:, :N_VERTEBRAE] = 1.0
     targets[0, N_VERTEBRAE + 3] = 0.5
     targets[1, N_VERTEBRAE + 6] = 0.51
-    pick = _negative_subsampler(targets, 0.2, seed=0)
+    pick = negative_subsampler(targets, 0.2, seed=0)
     chosen = pick(0)
     assert 1 in chosen
     assert len(chosen) == 1 + 1  # the positive, and round(5 * 0.2) = 1 of the 5 negatives
@@ -80,16 +80,16 @@ def test_subsampler_threshold_and_visibility():
 
 def test_subsampler_differs_between_epochs():
     targets, _ = fracture_targets(5, 100)
-    pick = _negative_subsampler(targets, 0.3, seed=0)
+    pick = negative_subsampler(targets, 0.3, seed=0)
     picks = [tuple(pick(epoch)) for epoch in range(4)]
     assert len(set(picks)) == 4
 
 
 def test_subsampler_is_seeded():
     targets, _ = fracture_targets(5, 100)
-    first = _negative_subsampler(targets, 0.3, seed=11)
-    again = _negative_subsampler(targets, 0.3, seed=11)
-    other = _negative_subsampler(targets, 0.3, seed=12)
+    first = negative_subsampler(targets, 0.3, seed=11)
+    again = negative_subsampler(targets, 0.3, seed=11)
+    other = negative_subsampler(targets, 0.3, seed=12)
     for epoch in range(3):
         assert np.array_equal(first(epoch), again(epoch))
     assert not np.array_equal(first(0), other(0))
@@ -97,13 +97,13 @@ def test_subsampler_is_seeded():
 
 def test_subsampler_keeps_at_least_one_negative():
     targets, positives = fracture_targets(2, 10)
-    chosen = _negative_subsampler(targets, 0.01, seed=0)(0)
+    chosen = negative_subsampler(targets, 0.01, seed=0)(0)
     assert len(chosen) == len(positives) + 1
 
 
 def test_subsampler_without_negatives():
     targets, positives = fracture_targets(6, 0)
-    chosen = _negative_subsampler(targets, 0.5, seed=0)(0)
+    chosen = negative_subsampler(targets, 0.5, seed=0)(0)
     assert chosen.tolist() == sorted(positives.tolist())
 
 
@@ -140,7 +140,7 @@ class RecordingModel(nn.Module):
 def test_loader_workers_deliver_subset():
     targets, _ = fracture_targets(6, 30)
     dataset = numbered_dataset(targets)
-    chosen = _negative_subsampler(targets, 0.25, seed=3)(0)
+    chosen = negative_subsampler(targets, 0.25, seed=3)(0)
     loader = make_loader(Subset(dataset, chosen), batch_size=4, shuffle=True, num_workers=2, seed=0)
     seen, seen_targets = [], []
     for images, batch_targets, weights in loader:
@@ -156,14 +156,17 @@ def test_loader_workers_deliver_subset():
 def test_fit_trains_on_each_epoch_subset():
     targets, _ = fracture_targets(5, 32)
     dataset = numbered_dataset(targets)
-    pick = _negative_subsampler(targets, 0.25, seed=7)
+    pick = negative_subsampler(targets, 0.25, seed=7)
     config = SliceModelConfig(backbone="none", image_size=8, context_slices=0, epochs=3, batch_size=4, lr=1e-2, num_workers=0)
     model = RecordingModel()
     result = fit(model, dataset, None, config, torch.device("cpu"), seed=0, label="sampling", epoch_subsets=pick)
 
-    per_epoch = 5 + 8
+    # 5 positives and 8 negatives per epoch: 3 full batches of 4, the short last batch dropped.
+    per_epoch = (5 + 8) // config.batch_size * config.batch_size
     assert len(model.seen) == config.epochs * per_epoch
     for epoch in range(config.epochs):
-        assert sorted(model.seen[epoch * per_epoch : (epoch + 1) * per_epoch]) == pick(epoch).tolist()
-    assert result.optimizer_steps == config.epochs * math.ceil(per_epoch / config.batch_size)
+        seen = model.seen[epoch * per_epoch : (epoch + 1) * per_epoch]
+        assert len(set(seen)) == per_epoch
+        assert set(seen) <= set(pick(epoch).tolist())
+    assert result.optimizer_steps == config.epochs * math.floor((5 + 8) / config.batch_size)
     assert pick(0).tolist() != pick(1).tolist()

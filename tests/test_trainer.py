@@ -29,14 +29,14 @@ def _tiny_config(**overrides) -> SliceModelConfig:
     return dataclasses.replace(base, **overrides)
 
 
-def _toy_dataset(n: int = 10) -> _Weighted:
+def _toy_dataset(n: int = 12) -> _Weighted:
     generator = torch.Generator().manual_seed(0)
     return _Weighted(torch.rand(n, 3, 16, 16, generator=generator), (torch.rand(n, 2, generator=generator) > 0.5).float())
 
 
 @pytest.mark.parametrize("accum", [1, 2, 3])
 def test_one_cycle_ends_at_last_step(accum):
-    # 10 samples, batch 4, drop_last off: 3 batches per epoch.
+    # 12 samples, batch 4: 3 batches per epoch.
     config = _tiny_config(grad_accum_steps=accum)
     model = create_slice_model(config.backbone, 3, 2)
     result = fit(model, _toy_dataset(), None, config, torch.device("cpu"), seed=0, label="toy")
@@ -176,7 +176,7 @@ def test_one_cycle_survives_skipped_step(accum, inf_at_backward):
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before:UserWarning")
 def test_skipped_step_leaves_weights_unchanged():
-    config = _tiny_config(epochs=1, batch_size=10)  # one batch, one optimiser step
+    config = _tiny_config(epochs=1, batch_size=10)  # one full batch (the short rest is dropped), one step
     model = create_slice_model(config.backbone, 3, 2)
     before = [p.detach().clone() for p in model.parameters()]
     next(model.parameters()).register_hook(_InfGradientOnce(1))

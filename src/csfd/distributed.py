@@ -176,8 +176,11 @@ class ShardedBatchSampler(Sampler[list[int]]):
     batches. Rank r takes the items r, r + world, ... of each global batch. A rank left
     without an item in a short last batch gets a copy of that batch's first item marked as
     padding (index + n_items), which PaddedItems turns into a zero loss weight, because every
-    rank must run the same number of batches. A rank's share of a short last batch can be a
-    single item, which BatchNorm in training mode rejects when the feature map is 1x1.
+    rank must run the same number of batches.
+
+    A shuffled epoch with at least one full batch drops its short last batch, as drop_last does.
+    A short batch can leave a rank a single item, which BatchNorm in training mode rejects when
+    the feature map is 1x1. The dropped items change from epoch to epoch.
 
     torch's DistributedSampler is not used for training. It shards the whole epoch instead of
     each batch, cannot start mid-epoch, and pads with duplicates that get trained twice.
@@ -207,6 +210,8 @@ class ShardedBatchSampler(Sampler[list[int]]):
 
     @property
     def n_batches(self) -> int:
+        if self.shuffle and self.n_items >= self.global_batch:
+            return self.n_items // self.global_batch
         return -(-self.n_items // self.global_batch)
 
     def global_batch_items(self, batch: int) -> int:
