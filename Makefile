@@ -67,6 +67,7 @@ demo: venv
 	$(CSFD) predict --config configs/sample.yaml
 	@echo "Out-of-fold score of the stacked predictions on the sample:"
 	$(CSFD) score --labels input/sample/train.csv --predictions output/runs/sample/stack/oof_predictions.csv
+	$(CSFD) leaderboard --runs output/runs
 	@echo "CV table: output/runs/sample/stack/cv.csv"
 	@echo "Submission: output/runs/sample/submission.csv"
 

@@ -80,6 +80,12 @@ class SliceModelConfig:
     box_weight: float = 4.0
     # Fraction of negative slices kept per epoch (1.0 keeps all).
     negative_keep: float = 1.0
+    # Fracture model only. The vertebra model's labels pass through the anatomy step (the
+    # ssl.anatomy_* options) before they become visibility targets. A slice shows Ck when that
+    # visibility is above visibility_threshold; a negative threshold keeps it soft. Soft
+    # visibility spills onto disc and T1 slices, which then become fracture positives.
+    anatomy_targets: bool = True
+    visibility_threshold: float = 0.5
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # Save a resumable checkpoint every this many optimiser steps; 0 saves at epoch ends only.
     checkpoint_every_steps: int = 0
@@ -353,6 +359,8 @@ def _validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"{section}.context_slices: expected 0 or more, got {model.context_slices}")
         if model.grad_accum_steps < 1:
             raise ConfigError(f"{section}.grad_accum_steps: expected 1 or more, got {model.grad_accum_steps}")
+        if model.visibility_threshold >= 1.0:
+            raise ConfigError(f"{section}.visibility_threshold: expected a value below 1 (negative keeps soft visibility), got {model.visibility_threshold}")
         if not 0.0 < model.negative_keep <= 1.0:
             raise ConfigError(f"{section}.negative_keep: expected a value in (0, 1], got {model.negative_keep}")
     _validate_ssl(config.ssl)

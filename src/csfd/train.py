@@ -17,6 +17,7 @@ from csfd.config import ExperimentConfig, SliceModelConfig, save_config
 from csfd.constants import VERTEBRAE
 from csfd.data import SliceStackDataset, StudyVolumes
 from csfd.folds import read_folds
+from csfd.fracture_targets import fracture_targets, negative_subsampler, target_visibility_labels, visibility_targets
 from csfd.io_utils import atomic_write_csv, atomic_write_text
 from csfd.logs import add_file_log
 from csfd.models import create_slice_model
@@ -83,47 +84,6 @@ def _vertebra_targets(table: SliceTable, vertebra_labels: pd.DataFrame) -> np.nd
         uid = merged.loc[merged[list(VERTEBRAE)].isna().any(axis=1), "StudyInstanceUID"].iloc[0]
         raise ValueError(f"vertebra_labels.csv lacks slices of segmented study {uid}; rerun `make prepare`")
     return merged[list(VERTEBRAE)].to_numpy(np.float32)
-
-
-def _fracture_targets(
-    table: SliceTable, visibility: np.ndarray, labels: pd.DataFrame, boxes: pd.DataFrame, model_config: SliceModelConfig
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return (targets, weights) of shape (n, 14): visibility of C1..C7, then fracture of C1..C7.
-
-    The fracture target of Ck on a slice is the study's Ck label times the slice's Ck
-    visibility; a slice with a fracture box is a strong positive for the fractured vertebrae
-    visible on it.
-    """
-    study_labels = labels.loc[table.frame["StudyInstanceUID"], list(VERTEBRAE)].to_numpy(np.float32)
-    fracture = study_labels * visibility
-    weights_fracture = np.where(fracture > 0.5, model_config.positive_weight, 1.0).astype(np.float32)
-
-    box_keys = set(zip(boxes["StudyInstanceUID"], boxes["slice_number"].astype(int))) if len(boxes) else set()
-    is_box = np.array([(u, int(s)) in box_keys for u, s in zip(table.frame["StudyInstanceUID"], table.frame["slice_number"])])
-    if is_box.any():
-        box_positive = (study_labels[is_box] > 0) & (visibility[is_box] > 0.5)
-        fracture[is_box] = np.where(box_positive, 1.0, fracture[is_box])
-        weights_fracture[is_box] = np.where(box_positive, model_config.box_weight, weights_fracture[is_box])
-    targets = np.concatenate([visibility, fracture], axis=1).astype(np.float32)
-    weights = np.concatenate([np.ones_like(visibility), weights_fracture], axis=1).astype(np.float32)
-    return targets, weights
-
-
-def _negative_subsampler(targets: np.ndarray, keep: float, seed: int):
-    """Return a per-epoch index picker that keeps all fracture-positive slices and a fixed-size
-    random share of the negatives, or None when every slice is kept."""
-    if keep >= 1.0:
-        return None
-    positive = np.flatnonzero(targets[:, len(VERTEBRAE) :].max(axis=1) > 0.5)
-    negative = np.flatnonzero(targets[:, len(VERTEBRAE) :].max(axis=1) <= 0.5)
-    n_keep = max(1, int(round(len(negative) * keep)))
-
-    def pick(epoch: int) -> np.ndarray:
-        rng = np.random.default_rng((seed, epoch))
-        chosen = rng.choice(negative, size=n_keep, replace=False) if len(negative) else negative
-        return np.sort(np.concatenate([positive, chosen]))
-
-    return pick
 
 
 def train_fold(config: ExperimentConfig, fold: int, resume: bool = False) -> dict:
@@ -194,17 +154,18 @@ def _train_fold(config: ExperimentConfig, fold: int, run_dir: Path, cache) -> di
     fcfg = config.fracture
     in_chans_f = 2 * fcfg.context_slices + 1
     table_train = SliceTable(cache.slices, train_uids)
-    visibility_train = _visibility_targets(table_train, pseudo, vertebra_labels, segmented)
-    targets, weights = _fracture_targets(table_train, visibility_train, labels, boxes, fcfg)
+    target_labels = target_visibility_labels(config, pseudo, cache.slices)
+    visibility_train = visibility_targets(table_train.frame, target_labels, vertebra_labels, segmented, fcfg.visibility_threshold)
+    targets, weights = fracture_targets(table_train.frame, visibility_train, labels, boxes, fcfg)
     fracture_model = create_slice_model(fcfg.backbone, in_chans_f, 2 * len(VERTEBRAE), fcfg.pretrained_path)
     train_set = table_train.dataset(cache, fcfg, targets, weights, augment=True, seed=seed)
     table_valid = SliceTable(cache.slices, valid_uids)
     valid_set = None
     if valid_uids:
-        visibility_valid = _visibility_targets(table_valid, pseudo, vertebra_labels, segmented)
-        valid_targets, valid_weights = _fracture_targets(table_valid, visibility_valid, labels, boxes, fcfg)
+        visibility_valid = visibility_targets(table_valid.frame, target_labels, vertebra_labels, segmented, fcfg.visibility_threshold)
+        valid_targets, valid_weights = fracture_targets(table_valid.frame, visibility_valid, labels, boxes, fcfg)
         valid_set = table_valid.dataset(cache, fcfg, valid_targets, valid_weights)
-    sampler = _negative_subsampler(targets, fcfg.negative_keep, seed)
+    sampler = negative_subsampler(targets, fcfg.negative_keep, seed)
     from csfd.ssl import fracture_stage_name, refine_fracture_stage
 
     fracture_meta = {"in_chans": in_chans_f, "num_outputs": 2 * len(VERTEBRAE)}
@@ -231,17 +192,6 @@ def _train_fold(config: ExperimentConfig, fold: int, run_dir: Path, cache) -> di
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=float))
     logger.info("Fold %d done: %s", fold, json.dumps(metrics, default=float))
     return metrics
-
-
-def _visibility_targets(table: SliceTable, pseudo: pd.DataFrame, vertebra_labels: pd.DataFrame, segmented: set[str]) -> np.ndarray:
-    """Return true visibility for segmented studies and the vertebra model's for the others."""
-    merged = table.frame.merge(pseudo, on=["StudyInstanceUID", "slice_number", "position_index"], how="left")
-    visibility = merged[list(VERTEBRAE)].to_numpy(np.float32)
-    is_segmented = table.frame["StudyInstanceUID"].isin(segmented).to_numpy()
-    if is_segmented.any():
-        seg_table_rows = table.frame[is_segmented].merge(vertebra_labels, on=["StudyInstanceUID", "slice_number"], how="left")
-        visibility[is_segmented] = seg_table_rows[list(VERTEBRAE)].to_numpy(np.float32)
-    return visibility
 
 
 def _write_oof(config, run_dir, fracture_model, table_valid, pseudo, labels, cache, device) -> dict:
