@@ -17,7 +17,7 @@ from csfd.config import ConfigError, ExperimentConfig, FoldsConfig, PathsConfig,
 from csfd.constants import TARGETS, VERTEBRAE
 from csfd.features import aggregate_predictions, build_features
 from csfd.metric import competition_score
-from csfd.stack import predict_stacker, run_stack, train_stacker
+from csfd.stack import aggregate_log_odds, predict_stacker, run_stack, train_stacker
 from csfd.stack_postprocess import CLIP_LOWER_GRID, PostProcess, apply_postprocess, choose_postprocess
 from csfd.stack_params import target_weight_table, validate_lightgbm_params
 from csfd.stack_report import best_constant_oof, folds_by_study, labels_by_study
@@ -122,6 +122,7 @@ def test_random_features_no_better_than_prior(data, tmp_path):
     scores = _mean_per_study(result)
 
     assert "aggregate" not in scores
+    assert json.loads((tmp_path / "stacker.json").read_text())["init_from_aggregate"] is False
     assert scores["stacker"] > scores["best_constant"] - 0.01
     assert scores["stacker"] > scores["prior"] - 0.02
     assert result.better_method == "stacker"
@@ -178,7 +179,9 @@ def test_boosters_saved_and_reloadable(data, trained):
             assert path.read_text().startswith("tree"), path
             booster = lgb.Booster(model_file=str(path))
             assert booster.num_trees() == trained.best_iterations[target][fold]
-            predicted = booster.predict(features.loc[studies, booster.feature_name()])
+            # The boosters start from the plain aggregation's log-odds (stack.init_from_aggregate).
+            raw = booster.predict(features.loc[studies, booster.feature_name()], raw_score=True)
+            predicted = 1.0 / (1.0 + np.exp(-(raw + aggregate_log_odds(features).loc[studies, target].to_numpy())))
             np.testing.assert_allclose(predicted, trained.oof_raw.loc[studies, target], rtol=0, atol=1e-12)
 
 
@@ -546,3 +549,33 @@ def test_run_stack_foreign_study_rejected(data, tmp_path):
 
     with pytest.raises(ValueError, match=f"study {intruder} belongs to fold 2, not fold 0"):
         run_stack(config)
+
+
+def test_empty_boosters_with_init_score(data, tmp_path):
+    # No leaf can hold 1000 studies, so every booster is empty and only the init score remains.
+    config = _stack_config(params=dict(_stack_config().params, min_data_in_leaf=1000))
+    result = train_stacker(data["features"], data["labels"], data["folds"], config, tmp_path, seed=3)
+
+    aggregate = aggregate_predictions(data["slices"]).set_index("StudyInstanceUID")
+    raw = result.oof_raw.drop(columns="fold")
+    expected = aggregate.loc[raw.index, list(TARGETS)].clip(1e-4, 1 - 1e-4)
+    np.testing.assert_allclose(raw[list(TARGETS)].to_numpy(float), expected.to_numpy(float), rtol=1e-6, atol=1e-9)
+    assert json.loads((tmp_path / "stacker.json").read_text())["init_from_aggregate"] is True
+
+    # Prediction adds the same init score to every fold's (empty) booster.
+    predicted = predict_stacker(data["features"], tmp_path, method="stacker").set_index("StudyInstanceUID")
+    postprocessed = apply_postprocess(expected, result.postprocess)
+    np.testing.assert_allclose(
+        predicted.loc[expected.index, list(TARGETS)].to_numpy(float), postprocessed[list(TARGETS)].to_numpy(float), rtol=1e-6
+    )
+
+
+def test_empty_boosters_without_init_score(data, tmp_path):
+    config = _stack_config(params=dict(_stack_config().params, min_data_in_leaf=1000), init_from_aggregate=False)
+    result = train_stacker(data["features"], data["labels"], data["folds"], config, tmp_path, seed=3)
+
+    raw = result.oof_raw.drop(columns="fold")
+    # Empty boosters predict one constant per fold and target: the fit studies' mean.
+    for target in TARGETS:
+        assert raw.groupby(result.oof_raw["fold"])[target].nunique().max() == 1
+    assert json.loads((tmp_path / "stacker.json").read_text())["init_from_aggregate"] is False

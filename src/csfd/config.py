@@ -110,6 +110,10 @@ class StackConfig:
     num_boost_round: int = 1000
     early_stopping_rounds: int = 50
     inner_valid_fraction: float = 0.2
+    # Boost from the plain aggregation's log-odds (LightGBM init_score): the boosters learn
+    # corrections to it, and a booster stopped at its first trees gives the aggregation back
+    # instead of the training prevalence. Helps most when the training folds hold few studies.
+    init_from_aggregate: bool = True
     clip_min: float = 0.005
     clip_max: float = 0.995
 

@@ -4,7 +4,9 @@ Training (train_stacker) uses the same study-to-fold map as stage 1. For each fo
 target (patient_overall, C1..C7) one booster is trained on the other folds' studies only. Early
 stopping watches an inner split of those training studies (stratified by the target, seeded),
 never fold k, and fold k is predicted at the best iteration. These fold-k predictions are the
-out-of-fold (OOF) predictions that every reported score uses.
+out-of-fold (OOF) predictions that every reported score uses. With stack.init_from_aggregate
+the boosters start from the plain aggregation's log-odds (LightGBM's init_score) and learn
+corrections to it; prediction adds the same init score back.
 
 Post-processing (stack_postprocess), chosen from small grids by the per-study metric:
 - patient_overall = w * learned + (1 - w) * (1 - prod(1 - Ck)), with w from BLEND_GRID;
@@ -68,6 +70,8 @@ STACKER_JSON = "stacker.json"
 SUMMARY_JSON = "summary.json"
 FORMAT_VERSION = 1
 METHODS = ("stacker", "aggregate")
+# The aggregation is clipped to [c, 1 - c] before its log-odds become the init score.
+INIT_PROBABILITY_CLIP = 1e-4
 
 
 @dataclass
@@ -138,18 +142,20 @@ def _train_booster(
     columns: list[str],
     params: dict,
     stack_config: StackConfig,
+    base: pd.Series | None = None,
 ) -> lgb.Booster:
+    """Train one booster with early stopping on `stop`; `base` holds per-study init scores (log-odds)."""
     fit_weights = weights.loc[fit].to_numpy()
     # Normalise to mean 1 on the fit rows so that min_sum_hessian_in_leaf and lambda_l2 keep
     # the scale they have without weights.
     scale = fit_weights.mean()
     train_set = lgb.Dataset(
         X.loc[fit, columns], y.loc[fit].to_numpy(), weight=fit_weights / scale, feature_name=columns,
-        free_raw_data=True,
+        init_score=None if base is None else base.loc[fit].to_numpy(), free_raw_data=True,
     )
     stop_set = lgb.Dataset(
         X.loc[stop, columns], y.loc[stop].to_numpy(), weight=weights.loc[stop].to_numpy() / scale,
-        reference=train_set,
+        init_score=None if base is None else base.loc[stop].to_numpy(), reference=train_set,
     )
     return lgb.train(
         params,
@@ -159,6 +165,21 @@ def _train_booster(
         valid_names=["inner"],
         callbacks=[lgb.early_stopping(stack_config.early_stopping_rounds, verbose=False)],
     )
+
+
+def aggregate_log_odds(X: pd.DataFrame) -> pd.DataFrame:
+    """Return the plain aggregation of each study as log-odds (studies x targets), the init score."""
+    probabilities = aggregate_from_features(X).set_index("StudyInstanceUID")[list(TARGETS)]
+    p = probabilities.to_numpy(dtype=float).clip(INIT_PROBABILITY_CLIP, 1.0 - INIT_PROBABILITY_CLIP)
+    return pd.DataFrame(np.log(p / (1.0 - p)), index=X.index, columns=list(TARGETS))
+
+
+def _booster_probability(booster: lgb.Booster, X: pd.DataFrame, base: pd.Series | None, num_iteration=None) -> np.ndarray:
+    """Return P(target) from `booster`, adding the init score `base` (log-odds) when given."""
+    if base is None:
+        return booster.predict(X, num_iteration=num_iteration, validate_features=True)
+    raw = booster.predict(X, num_iteration=num_iteration, raw_score=True, validate_features=True)
+    return 1.0 / (1.0 + np.exp(-(raw + base.to_numpy())))
 
 
 def _check_stack_config(stack_config: StackConfig) -> None:
@@ -225,8 +246,12 @@ def _train_boosters(
     stack_config: StackConfig,
     seed: int,
     out_dir: Path,
+    base: pd.DataFrame | None = None,
 ) -> _TrainedBoosters:
-    """Train and save one booster per fold and target; predict each fold with its own boosters."""
+    """Train and save one booster per fold and target; predict each fold with its own boosters.
+
+    `base` (studies x targets, log-odds) is the init score the boosters start from, or None.
+    """
     trained = _TrainedBoosters(
         raw=pd.DataFrame(np.nan, index=X.index, columns=list(TARGETS)),
         best_iterations={t: [] for t in TARGETS},
@@ -251,11 +276,14 @@ def _train_boosters(
             raise RuntimeError(f"{booster_id}: the reported fold overlaps the training rows; the fold split is wrong")
 
         columns = target_columns[target]
-        booster = _train_booster(X, y, weights[target], fit, stop, columns, params, stack_config)
+        target_base = None if base is None else base[target]
+        booster = _train_booster(X, y, weights[target], fit, stop, columns, params, stack_config, target_base)
         # LightGBM stops before num_boost_round when no leaf can be split any more. It then drops
         # the last, empty tree, so best_iteration can exceed the number of trees kept by one.
         best = min(booster.best_iteration, booster.current_iteration()) or booster.current_iteration()
-        trained.raw.loc[valid, target] = booster.predict(X.loc[valid, columns], num_iteration=best)
+        trained.raw.loc[valid, target] = _booster_probability(
+            booster, X.loc[valid, columns], None if target_base is None else target_base.loc[valid], best
+        )
 
         model_path = out_dir / f"fold{fold}" / f"{target}.txt"
         model_path.parent.mkdir(parents=True, exist_ok=True)
@@ -346,7 +374,13 @@ def train_stacker(
     out_dir.mkdir(parents=True, exist_ok=True)
     fold_ids = [int(k) for k in sorted(fold_of.unique())]
 
-    trained = _train_boosters(X, label_frame, fold_of, weights, target_columns, params, stack_config, seed, out_dir)
+    base = None
+    if stack_config.init_from_aggregate:
+        if all(f"{v}_wmean" in X.columns for v in VERTEBRAE):
+            base = aggregate_log_odds(X)
+        else:
+            logger.warning("stack.init_from_aggregate: the features have no Ck_wmean columns, so the boosters start from the prevalence")
+    trained = _train_boosters(X, label_frame, fold_of, weights, target_columns, params, stack_config, seed, out_dir, base)
 
     lowers, uppers = clip_candidates(stack_config, clip_lower_grid)
     final = choose_postprocess(trained.raw, label_frame, blend_grid, lowers, uppers)
@@ -376,6 +410,7 @@ def train_stacker(
             "num_boost_round": stack_config.num_boost_round,
             "early_stopping_rounds": stack_config.early_stopping_rounds,
             "inner_valid_fraction": stack_config.inner_valid_fraction,
+            "init_from_aggregate": base is not None,
             "sample_weighting": sample_weighting,
             "feature_scope": feature_scope,
             "seed": seed,
@@ -449,6 +484,7 @@ def predict_stacker(features: pd.DataFrame, stack_dir: str | Path, method: str =
         return aggregate_from_features(X)
 
     raw = pd.DataFrame(index=X.index, columns=list(TARGETS), dtype=float)
+    base = aggregate_log_odds(X) if model.get("init_from_aggregate", False) else None
     for target in TARGETS:
         fold_predictions = []
         for fold in model["folds"]:
@@ -462,7 +498,7 @@ def predict_stacker(features: pd.DataFrame, stack_dir: str | Path, method: str =
                     f"{path}: booster features differ from {STACKER_JSON}'s list for {target}; the folder "
                     f"mixes runs, retrain it"
                 )
-            fold_predictions.append(booster.predict(X[names], validate_features=True))
+            fold_predictions.append(_booster_probability(booster, X[names], None if base is None else base[target]))
         raw[target] = np.mean(fold_predictions, axis=0)
     postprocess = PostProcess(
         blend_weight=float(model["blend_weight"]), clip={t: tuple(b) for t, b in model["clip"].items()}
