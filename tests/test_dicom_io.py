@@ -370,3 +370,14 @@ def test_bad_sequence_matches_pydicom_data_copy(real_ct_dir):
         pytest.skip("pydicom-data does not ship bad_sequence.dcm")
     shared = read_slice(real_ct_dir / "neck-slice" / "bad_sequence.dcm", readers=("pydicom",))
     assert np.array_equal(read_slice(packaged).hu, shared.hu)
+
+
+def test_plausibility_flags_a_corrupt_block_of_rows():
+    # A block of 32 wrapped rows in a 512 x 512 slice: 6% of the pixel pairs jump, far above the
+    # 1% limit, whichever rows the check reads.
+    hu = np.full((512, 512), 40.0, dtype=np.float32)
+    hu[200:232, ::2] = 30000.0
+    reason = check_ct_plausibility(hu)
+    assert reason is not None and "wrap around" in reason
+    hu[200:232] = 40.0
+    assert check_ct_plausibility(hu) is None

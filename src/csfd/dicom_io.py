@@ -68,6 +68,8 @@ MAX_WRAP_FRACTION = 0.01
 # More than 5% of a slice above 8000 HU cannot be anatomy, even with metal implants.
 HIGH_HU = 8000.0
 MAX_HIGH_FRACTION = 0.05
+# The checks read every second row (csfd.dicom_io.check_ct_plausibility).
+PLAUSIBILITY_ROW_STEP = 2
 
 
 class DicomReadError(Exception):
@@ -95,9 +97,11 @@ class DicomSlice:
 
 
 def _sign_extend(values: np.ndarray, bits: int) -> np.ndarray:
-    """Interpret the low `bits` bits of each int64 as two's complement."""
-    sign_bit = np.int64(1) << (bits - 1)
-    return (values ^ sign_bit) - sign_bit
+    """Interpret the low `bits` bits of each integer as two's complement, in place."""
+    sign_bit = values.dtype.type(1) << (bits - 1)
+    np.bitwise_xor(values, sign_bit, out=values)
+    np.subtract(values, sign_bit, out=values)
+    return values
 
 
 def to_stored_values(raw: np.ndarray, bits_stored: int, pixel_representation: int) -> np.ndarray:
@@ -105,10 +109,15 @@ def to_stored_values(raw: np.ndarray, bits_stored: int, pixel_representation: in
 
     Example: the word 0x0F38 with BitsStored 12 is 3896 unsigned and -200 signed.
     """
-    values = np.asarray(raw).astype(np.int64) & ((np.int64(1) << bits_stored) - 1)
+    raw = np.asarray(raw)
+    # int32 holds every CT value (BitsStored 16 or less) and halves the memory traffic of int64;
+    # wider words keep int64 so that masking and sign extension stay exact.
+    work = np.int32 if bits_stored <= 16 and raw.dtype.itemsize <= 4 else np.int64
+    values = raw.astype(work)
+    np.bitwise_and(values, (work(1) << bits_stored) - 1, out=values)
     if pixel_representation == 1:
         values = _sign_extend(values, bits_stored)
-    return values.astype(np.int32)
+    return values.astype(np.int32, copy=False)
 
 
 def _padding_mask(stored: np.ndarray, frame: RawFrame) -> np.ndarray | None:
@@ -131,11 +140,20 @@ def _stored_to_hu(stored: np.ndarray, frame: RawFrame, path: Path) -> np.ndarray
         )
     if frame.rescale_slope == 0:
         raise DicomReadError(f"{path}: RescaleSlope is 0, so every pixel would have the same HU")
-    hu = stored.astype(np.float64) * frame.rescale_slope + frame.rescale_intercept
+    slope, intercept = frame.rescale_slope, frame.rescale_intercept
+    if float(slope).is_integer() and float(intercept).is_integer() and abs(intercept) < 2**23:
+        # Integer rescale (1 and -1024 on nearly every CT): float32 gives the same values as
+        # float64 rounded to float32, at half the memory traffic.
+        hu = stored.astype(np.float32)
+        if slope != 1:
+            hu *= np.float32(slope)
+        hu += np.float32(intercept)
+    else:
+        hu = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
     padding = _padding_mask(stored, frame)
     if padding is not None:
         hu[padding] = AIR_HU
-    return hu.astype(np.float32)
+    return hu
 
 
 def check_ct_plausibility(hu: np.ndarray) -> str | None:
@@ -146,15 +164,18 @@ def check_ct_plausibility(hu: np.ndarray) -> str | None:
     """
     if hu.ndim != 2 or hu.shape[1] < 2:
         return None
-    jumps = np.abs(np.diff(hu, axis=1)) > WRAP_JUMP_HU
-    wrap_fraction = float(jumps.mean())
+    # Every PLAUSIBILITY_ROW_STEP-th row: over 100,000 pixel pairs of a 512 x 512 slice estimate
+    # shares of a few percent well, at a fraction of the decode time.
+    rows = hu[::PLAUSIBILITY_ROW_STEP]
+    step = rows[:, 1:] - rows[:, :-1]
+    wrap_fraction = np.count_nonzero((step > WRAP_JUMP_HU) | (step < -WRAP_JUMP_HU)) / step.size
     if wrap_fraction > MAX_WRAP_FRACTION:
         return (
             f"{wrap_fraction:.1%} of neighbouring pixel pairs differ by more than {WRAP_JUMP_HU:.0f} HU "
             f"(limit {MAX_WRAP_FRACTION:.0%}); the decoded values wrap around, so the codestream "
             "is corrupt or was read with the wrong sign"
         )
-    high_fraction = float((hu > HIGH_HU).mean())
+    high_fraction = np.count_nonzero(rows > HIGH_HU) / rows.size
     if high_fraction > MAX_HIGH_FRACTION:
         return (
             f"{high_fraction:.1%} of pixels are above {HIGH_HU:.0f} HU (limit {MAX_HIGH_FRACTION:.0%}), "
