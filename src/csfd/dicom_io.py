@@ -110,7 +110,7 @@ def to_stored_values(raw: np.ndarray, bits_stored: int, pixel_representation: in
     Example: the word 0x0F38 with BitsStored 12 is 3896 unsigned and -200 signed.
     """
     raw = np.asarray(raw)
-    # int32 holds every CT value (BitsStored 16 or less) and halves the memory traffic of int64;
+    # int32 fits every CT value (BitsStored 16 or less) and halves the memory traffic of int64;
     # wider words keep int64 so that masking and sign extension stay exact.
     work = np.int32 if bits_stored <= 16 and raw.dtype.itemsize <= 4 else np.int64
     values = raw.astype(work)
