@@ -579,3 +579,15 @@ def test_empty_boosters_without_init_score(data, tmp_path):
     for target in TARGETS:
         assert raw.groupby(result.oof_raw["fold"])[target].nunique().max() == 1
     assert json.loads((tmp_path / "stacker.json").read_text())["init_from_aggregate"] is False
+
+
+def test_predict_with_fold_map_uses_each_study_own_fold(data, trained):
+    fold_of = folds_by_study(data["folds"])
+    predicted = predict_stacker(data["features"], trained.out_dir, method="stacker", fold_of=fold_of)
+
+    raw = trained.oof_raw.drop(columns="fold")
+    expected = apply_postprocess(raw, trained.postprocess)
+    merged = predicted.set_index("StudyInstanceUID").loc[expected.index]
+    np.testing.assert_allclose(merged[list(TARGETS)].to_numpy(float), expected[list(TARGETS)].to_numpy(float), rtol=1e-9)
+    averaged = predict_stacker(data["features"], trained.out_dir, method="stacker").set_index("StudyInstanceUID")
+    assert not np.allclose(averaged.loc[expected.index, "C2"], merged["C2"])

@@ -454,11 +454,15 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def predict_stacker(features: pd.DataFrame, stack_dir: str | Path, method: str = "auto") -> pd.DataFrame:
+def predict_stacker(
+    features: pd.DataFrame, stack_dir: str | Path, method: str = "auto", fold_of: pd.Series | None = None
+) -> pd.DataFrame:
     """Predict patient_overall and C1..C7 for each study of `features` from a stack folder.
 
     method "auto" uses summary.json's better_method; "stacker" averages every fold's booster
     per target and applies the saved blend and clip; "aggregate" uses the Ck_wmean columns.
+    With `fold_of` (StudyInstanceUID -> fold) each study gets only its own fold's boosters,
+    which were trained without it: out-of-fold predictions of training studies.
     features must have exactly the training feature columns (any order); rows are matched by
     StudyInstanceUID. Returns StudyInstanceUID, patient_overall, C1..C7 in the input row order.
     """
@@ -499,7 +503,16 @@ def predict_stacker(features: pd.DataFrame, stack_dir: str | Path, method: str =
                     f"mixes runs, retrain it"
                 )
             fold_predictions.append(_booster_probability(booster, X[names], None if base is None else base[target]))
-        raw[target] = np.mean(fold_predictions, axis=0)
+        if fold_of is None:
+            raw[target] = np.mean(fold_predictions, axis=0)
+        else:
+            own_fold = fold_of.loc[X.index].to_numpy()
+            chosen = np.full(len(X), np.nan)
+            for fold, predictions in zip(model["folds"], fold_predictions):
+                chosen[own_fold == fold] = predictions[own_fold == fold]
+            if np.isnan(chosen).any():
+                raise ValueError(f"fold_of names folds that {stack_dir} has no boosters for")
+            raw[target] = chosen
     postprocess = PostProcess(
         blend_weight=float(model["blend_weight"]), clip={t: tuple(b) for t, b in model["clip"].items()}
     )

@@ -87,29 +87,12 @@ def thin_slices(slices: pd.DataFrame, stride: int) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _oof_stacker(features: pd.DataFrame, fold_of: pd.Series, stack_dir: Path) -> pd.DataFrame:
-    """Predict each study with the boosters of its own fold (trained on the other folds)."""
-    import lightgbm as lgb
-
-    from csfd.stack_postprocess import PostProcess, apply_postprocess
-
-    model = json.loads((stack_dir / "stacker.json").read_text())
-    raw = pd.DataFrame(index=features.index, columns=list(TARGETS), dtype=float)
-    for fold in model["folds"]:
-        rows = features.index[fold_of.loc[features.index].to_numpy() == fold]
-        for target in TARGETS:
-            booster = lgb.Booster(model_file=str(stack_dir / f"fold{fold}" / f"{target}.txt"))
-            raw.loc[rows, target] = booster.predict(features.loc[rows, booster.feature_name()])
-    postprocess = PostProcess(float(model["blend_weight"]), {t: tuple(b) for t, b in model["clip"].items()})
-    return apply_postprocess(raw, postprocess).rename_axis("StudyInstanceUID").reset_index()
-
-
 def stride_scores(config: ExperimentConfig, strides: list[int]) -> pd.DataFrame:
     """Return the per-study and flat OOF scores of the aggregation and the stacker at each stride."""
     from csfd.features import aggregate_predictions, build_features
     from csfd.folds import read_folds
     from csfd.metric import competition_score
-    from csfd.stack import _study_info_from_cache
+    from csfd.stack import _study_info_from_cache, predict_stacker
 
     folds = read_folds(Path(config.paths.folds_csv)).set_index("StudyInstanceUID")["fold"]
     fold_ids = [int(k) for k in sorted(folds.unique()) if (config.run_dir(int(k)) / "oof_slices.csv").is_file()]
@@ -133,7 +116,8 @@ def stride_scores(config: ExperimentConfig, strides: list[int]) -> pd.DataFrame:
         aggregate = competition_score(labels, aggregate_predictions(thinned))
         row.update({"aggregate_per_study": aggregate["per_study"], "aggregate_flat": aggregate["flat"]})
         if (stack_dir / "stacker.json").is_file() and len(fold_ids) == folds.nunique():
-            stacked = competition_score(labels, _oof_stacker(build_features(thinned, study_info), folds, stack_dir))
+            features = build_features(thinned, study_info)
+            stacked = competition_score(labels, predict_stacker(features, stack_dir, "stacker", fold_of=folds))
             row.update({"stacker_per_study": stacked["per_study"], "stacker_flat": stacked["flat"]})
         rows.append(row)
     return pd.DataFrame(rows)
