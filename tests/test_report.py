@@ -373,3 +373,17 @@ def test_report_method_aggregate(report_run):
     summary = json.loads((config.run_dir() / "stack" / "summary.json").read_text())
     _, auto_source = study_predictions(config.run_dir(), read_oof_slices(config.run_dir()))
     assert auto_source.startswith("stacker" if summary["better_method"] == "stacker" else "plain aggregation")
+
+
+def test_top_vertebra_shown_even_below_its_threshold():
+    from csfd.report import _flagged_vertebrae
+
+    probabilities = pd.Series([0.01, 0.49, 0.72, 0.33, 0.13, 0.26, 0.28], index=list(VERTEBRAE))
+    thresholds = pd.Series([0.1, 0.45, 0.8, 0.3, 0.5, 0.5, 0.5], index=list(VERTEBRAE))
+    assert _flagged_vertebrae(probabilities, thresholds) == [
+        ("C3", "top vertebra"),
+        ("C2", "above threshold"),
+        ("C4", "above threshold"),
+    ]
+    thresholds["C3"] = 0.7
+    assert _flagged_vertebrae(probabilities, thresholds)[0] == ("C3", "above threshold")

@@ -150,12 +150,15 @@ def _box_positions(config: ExperimentConfig, cache: StudyCache, study_uid: str) 
 
 
 def _flagged_vertebrae(probabilities: pd.Series, thresholds: pd.Series) -> list[tuple[str, str]]:
-    """Return (vertebra, reason) above threshold, highest probability first; at least the top vertebra."""
+    """Return (vertebra, reason), highest probability first: the top vertebra always, then every
+    other vertebra at or above its threshold. Thresholds differ by vertebra, so the most likely
+    vertebra can be below its own threshold while a less likely one is above its threshold."""
     ordered = sorted(VERTEBRAE, key=lambda v: -float(probabilities[v]))
-    flagged = [(v, "above threshold") for v in ordered if float(probabilities[v]) >= float(thresholds[v])]
-    if not flagged:
-        flagged = [(ordered[0], "top vertebra")]
-    return flagged
+    return [
+        (v, "above threshold" if float(probabilities[v]) >= float(thresholds[v]) else "top vertebra")
+        for i, v in enumerate(ordered)
+        if i == 0 or float(probabilities[v]) >= float(thresholds[v])
+    ]
 
 
 def _gradcam_maps(models: list[FoldModels], volume: np.ndarray, positions: list[int], output_index: int, device) -> np.ndarray:
