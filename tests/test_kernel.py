@@ -567,6 +567,30 @@ def test_predict_volume_stride_matches_at_predicted_slices(tiny_run):
     assert strided_vis.shape == full_vis.shape == (11, 7)
 
 
+
+def test_predict_volume_equals_each_model_on_its_own_stacks(tiny_run):
+    # predict_volume builds each batch once for every model with the same input; the result must
+    # equal running every fold's two models on their own per-slice stacks and averaging.
+    import torch
+
+    from csfd.data import stack_indices, to_model_input
+
+    fold_models = load_fold_models(tiny_run.run_dir())
+    size = tiny_run.prepare.image_size
+    volume = np.random.default_rng(1).integers(0, 256, (9, size, size), dtype=np.uint8)
+    visibility, fracture = predict_volume(volume, fold_models, batch_size=4)
+
+    def outputs(model, section):
+        stacks = [to_model_input(volume[stack_indices(i, len(volume), section.context_slices)], section.image_size) for i in range(len(volume))]
+        with torch.inference_mode():
+            return torch.sigmoid(model(torch.from_numpy(np.stack(stacks)))).numpy()
+
+    expected_vis = np.mean([outputs(m.vertebra, m.config.vertebra) for m in fold_models], axis=0)
+    expected_frac = np.mean([outputs(m.fracture, m.config.fracture)[:, 7:] for m in fold_models], axis=0)
+    assert len(fold_models) >= 2
+    np.testing.assert_allclose(visibility, expected_vis, atol=1e-5)
+    np.testing.assert_allclose(fracture, expected_frac, atol=1e-5)
+
 # --- wheels -----------------------------------------------------------------------------------------
 
 

@@ -88,37 +88,6 @@ def interpolate_positions(values: np.ndarray, positions: np.ndarray, n_slices: i
     return np.stack([np.interp(grid, positions, values[:, column]) for column in range(values.shape[1])], axis=1)
 
 
-@torch.inference_mode()
-def _run_model(
-    model: nn.Module,
-    volume: np.ndarray,
-    context: int,
-    image_size: int,
-    batch_size: int,
-    device: torch.device,
-    positions: np.ndarray | None = None,
-    tta_hflip: bool = False,
-) -> np.ndarray:
-    """Return the model's sigmoid outputs for the slices at `positions` (default: every slice).
-
-    With `tta_hflip` each output is the mean of the outputs on the stack and on the stack
-    mirrored left to right (csfd.augment.hflip_stack), at twice the cost.
-    """
-    if positions is None:
-        positions = np.arange(len(volume))
-    outputs = []
-    for start in range(0, len(positions), batch_size):
-        images = _stacks(volume, positions[start : start + batch_size], context, image_size).to(device)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
-        probabilities = _sigmoid_outputs(model, images, device)
-        if tta_hflip:
-            # Flipping the last axis of the (N, C, H, W) batch mirrors every stack as hflip_stack does.
-            probabilities = (probabilities + _sigmoid_outputs(model, torch.flip(images, dims=(-1,)), device)) / 2.0
-        outputs.append(probabilities)
-    return np.concatenate(outputs)
-
-
 def _sigmoid_outputs(model: nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
     if device.type == "cuda":
         with torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16):
@@ -145,17 +114,46 @@ def predict_volume(
     """
     device = device or torch.device("cpu")
     positions = strided_positions(len(volume), slice_stride)
-    visibility = np.zeros((len(positions), len(VERTEBRAE)), dtype=np.float64)
-    fracture = np.zeros_like(visibility)
+    # Models that read the same 2.5D input (context, image size) share each built batch, so a
+    # batch is built once for every fold and both models instead of once per model.
+    groups: dict[tuple[int, int], list[tuple[str, nn.Module, bool]]] = {}
     for models in fold_models:
-        vcfg, fcfg = models.config.vertebra, models.config.fracture
         flip = models.config.predict.tta_hflip if tta_hflip is None else tta_hflip
-        visibility += _run_model(models.vertebra, volume, vcfg.context_slices, vcfg.image_size, batch_size, device, positions, flip)
-        fracture_out = _run_model(models.fracture, volume, fcfg.context_slices, fcfg.image_size, batch_size, device, positions, flip)
-        fracture += fracture_out[:, len(VERTEBRAE) :]
-    visibility /= len(fold_models)
-    fracture /= len(fold_models)
+        for kind, model, section in (("vertebra", models.vertebra, models.config.vertebra), ("fracture", models.fracture, models.config.fracture)):
+            groups.setdefault((section.context_slices, section.image_size), []).append((kind, model, flip))
+    sums = {"vertebra": np.zeros((len(positions), len(VERTEBRAE))), "fracture": np.zeros((len(positions), len(VERTEBRAE)))}
+    for (context, image_size), members in groups.items():
+        outputs = _run_models([(model, flip) for _, model, flip in members], volume, context, image_size, batch_size, device, positions)
+        for (kind, _, _), output in zip(members, outputs):
+            sums[kind] += output[:, : len(VERTEBRAE)] if kind == "vertebra" else output[:, len(VERTEBRAE) :]
+    visibility = sums["vertebra"] / len(fold_models)
+    fracture = sums["fracture"] / len(fold_models)
     return interpolate_positions(visibility, positions, len(volume)), interpolate_positions(fracture, positions, len(volume))
+
+
+@torch.inference_mode()
+def _run_models(
+    models: list[tuple[nn.Module, bool]],
+    volume: np.ndarray,
+    context: int,
+    image_size: int,
+    batch_size: int,
+    device: torch.device,
+    positions: np.ndarray,
+) -> list[np.ndarray]:
+    """Return each (model, tta_hflip)'s sigmoid outputs at `positions`, building every batch once."""
+    outputs: list[list[np.ndarray]] = [[] for _ in models]
+    for start in range(0, len(positions), batch_size):
+        images = _stacks(volume, positions[start : start + batch_size], context, image_size).to(device)
+        if device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        mirrored = torch.flip(images, dims=(-1,)) if any(flip for _, flip in models) else None
+        for index, (model, flip) in enumerate(models):
+            probabilities = _sigmoid_outputs(model, images, device)
+            if flip:
+                probabilities = (probabilities + _sigmoid_outputs(model, mirrored, device)) / 2.0
+            outputs[index].append(probabilities)
+    return [np.concatenate(parts) for parts in outputs]
 
 
 def slice_predictions_frame(study_uid: str, slice_numbers: np.ndarray, visibility: np.ndarray, fracture: np.ndarray) -> pd.DataFrame:
