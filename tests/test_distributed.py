@@ -231,9 +231,9 @@ def test_sampler_order_depends_on_seed_and_epoch_only():
         sampler.set_start_batch(6)
 
 
-def test_short_last_batch_is_dropped_and_varies_by_epoch():
-    # 10 items in batches of 4: the 2 items left over would make a batch of 2 (1 per rank on
-    # 2 ranks, which BatchNorm rejects); they are dropped, and other items each epoch.
+def test_sampler_drops_short_last_batch():
+    # 10 items in batches of 4 leave 2 over, 1 per rank on 2 ranks, which BatchNorm rejects.
+    # They are dropped, and different items are dropped in each epoch.
     sampler = ShardedBatchSampler(10, 4, seed=1)
     assert sampler.n_batches == 2
     left_out = []

@@ -47,7 +47,7 @@ def test_anatomy_step_removes_a_level_out_of_order():
     assert list(refined.columns) == ["StudyInstanceUID", "slice_number", "position_index", *VERTEBRAE]
 
 
-def test_anatomy_step_is_skipped_when_switched_off_or_done_by_self_training():
+def test_anatomy_step_skipped():
     labels = label_frame(UID_MODEL, LEVELS)
     labels.loc[10, "C1"] = 0.95
     raw = labels.drop(columns="z")

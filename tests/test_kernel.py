@@ -568,9 +568,9 @@ def test_predict_volume_stride_matches_at_predicted_slices(tiny_run):
 
 
 
-def test_predict_volume_equals_each_model_on_its_own_stacks(tiny_run):
-    # predict_volume builds each batch once for every model with the same input; the result must
-    # equal running every fold's two models on their own per-slice stacks and averaging.
+def test_predict_volume_shared_batches(tiny_run):
+    # predict_volume builds each batch once for all models with the same input, so its result
+    # must equal each model run on its own per-slice stacks, averaged over folds.
     import torch
 
     from csfd.data import stack_indices, to_model_input

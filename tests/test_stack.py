@@ -581,7 +581,7 @@ def test_empty_boosters_without_init_score(data, tmp_path):
     assert json.loads((tmp_path / "stacker.json").read_text())["init_from_aggregate"] is False
 
 
-def test_predict_with_fold_map_uses_each_study_own_fold(data, trained):
+def test_predict_with_fold_map(data, trained):
     fold_of = folds_by_study(data["folds"])
     predicted = predict_stacker(data["features"], trained.out_dir, method="stacker", fold_of=fold_of)
 

@@ -144,7 +144,7 @@ def _train_booster(
     stack_config: StackConfig,
     base: pd.Series | None = None,
 ) -> lgb.Booster:
-    """Train one booster with early stopping on `stop`; `base` holds per-study init scores (log-odds)."""
+    """Train one booster with early stopping on `stop`; `base` contains per-study init scores (log-odds)."""
     fit_weights = weights.loc[fit].to_numpy()
     # Normalise to mean 1 on the fit rows so that min_sum_hessian_in_leaf and lambda_l2 keep
     # the scale they have without weights.
