@@ -11,7 +11,7 @@ Little Endian. Then it measures, side by side in one run:
   of the prepare stage);
 - the prepare stage end to end (prepare_split: decode, HU, window, resize, order, store)
   with 1 and 2 worker processes;
-- where the prepare time goes, step by step, and one candidate speed-up;
+- where the prepare time goes, step by step, on the HU path and on the lookup-table path;
 - StudyCache random reads of uint8 384 x 384 slices.
 
 Run with `make bench-prepare` or `python -m benchmarks.bench_prepare --help`.
@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from benchmarks.common import (
     CpuMeter,
     Timing,
+    build_synthetic_cache,
     format_table,
     load_average,
     machine_info,
@@ -138,15 +138,17 @@ def measure_per_slice(files: list[Path], repeats: int, names: tuple[str, ...] | 
     """Time each per-slice reader (or only those in `names`) over every file, in one process."""
     from csfd.config import PrepareConfig
     from csfd.dicom_io import read_slice
-    from csfd.volume import slice_transform
+    from csfd.volume import prepare_window, slice_transform
 
-    transform = slice_transform(PrepareConfig(image_size=384))
+    prepare = PrepareConfig(image_size=384)
+    transform, window = slice_transform(prepare), prepare_window(prepare)
     candidates = {
         "pydicom decode": decode_pydicom,
         "dicomsdl decode": decode_dicomsdl,
         "read_slice (pydicom)": lambda path: read_slice(path, ("pydicom",)),
         "read_slice (dicomsdl)": lambda path: read_slice(path, ("dicomsdl",)),
-        "read_slice (dicomsdl) + window + resize": lambda path: transform(read_slice(path, ("dicomsdl",)).hu),
+        "read_slice (dicomsdl) + window + resize": lambda path: transform(
+            read_slice(path, ("dicomsdl",), window).pixels),
     }
     timings = {}
     for name, read in candidates.items():
@@ -170,80 +172,72 @@ def pydicom_plugins(transfer_syntax: str) -> str:
 # Where the prepare time goes
 
 
-def stored_to_uint8_table(frame, path: Path, prepare) -> np.ndarray:
-    """Build the 65,536-entry table from a 16-bit stored word to the cached uint8 value.
-
-    Every step from the decoded word to the windowed uint8 (masking, sign, padding, rescale,
-    window) depends on the word alone, so one table lookup per pixel gives the same result.
-    Only for BitsAllocated 16. A candidate speed-up measured here, not used by the pipeline.
-    NOTE: the candidate leaves out read_slice's plausibility check, which a pipeline using the
-    table would still need (it can run on the stored values, scaled by RescaleSlope).
-    """
-    from csfd.dicom_io import _stored_to_hu, to_stored_values
-    from csfd.volume import window_to_uint8
-
-    words = np.arange(2**16, dtype=np.uint32)
-    stored = to_stored_values(words, frame.bits_stored, frame.pixel_representation)
-    return window_to_uint8(_stored_to_hu(stored, frame, path), prepare.window_center, prepare.window_width)
-
-
 def measure_prepare_steps(files: list[Path], repeats: int) -> tuple[dict[str, float], dict[str, float], bool]:
-    """Return (ms per slice of each step of read_slice + transform, of the lookup-table candidate, outputs equal).
+    """Return (ms per slice of each step of the HU path, of the lookup-table path, outputs equal).
 
-    The steps call the same csfd functions as read_slice (dicomsdl reader) in the same order.
+    Both paths call the csfd functions that read_slice calls, in the same order. read_slice
+    takes the lookup-table path for 16-bit slices read with a window (the prepare stage) and
+    the HU path otherwise.
     """
     import dicomsdl
 
     from csfd.config import PrepareConfig
-    from csfd.dicom_io import _stored_to_hu, check_ct_plausibility, to_stored_values
     from csfd.dicom_readers import RawFrame, _build_header
-    from csfd.volume import resize_keep_aspect, window_to_uint8
+    from csfd.hounsfield import (
+        PLAUSIBILITY_ROW_STEP,
+        as_16bit_words,
+        check_ct_plausibility,
+        check_rescale,
+        stored_to_hu,
+        to_stored_values,
+        window_tables,
+        window_to_uint8,
+    )
+    from csfd.volume import resize_keep_aspect
 
     prepare = PrepareConfig(image_size=384)
+    center, width = float(prepare.window_center), float(prepare.window_width)
     steps = ("open file", "parse header", "decode pixels", "mask and sign", "rescale to HU",
              "plausibility check", "window to uint8", "resize to 384")
     totals = dict.fromkeys(steps, 0.0)
-    table_totals = {"lookup table (cached per header)": 0.0, "resize to 384": 0.0}
-    tables: dict[tuple, np.ndarray] = {}
+    table_totals = {"plausibility check on table HU": 0.0, "lookup table to uint8": 0.0, "resize to 384": 0.0}
     identical = True
     for _ in range(repeats):
         for path in files:
             clock = [time.perf_counter()]
 
-            def tick(step: str) -> None:
+            def tick(step: str, into: dict[str, float]) -> None:
                 clock.append(time.perf_counter())
-                totals[step] += clock[-1] - clock[-2]
+                into[step] += clock[-1] - clock[-2]
 
             dataset = dicomsdl.open(str(path))
-            tick("open file")
+            tick("open file", totals)
             header = _build_header(lambda keyword: dataset[keyword], str(dataset.TransferSyntaxUID or ""), path)
-            tick("parse header")
+            tick("parse header", totals)
             pixels = dataset.pixelData(index=0, storedvalue=True)
-            tick("decode pixels")
+            tick("decode pixels", totals)
             frame = RawFrame(pixels=pixels, warnings=[], **header)
             stored = to_stored_values(pixels, frame.bits_stored, frame.pixel_representation)
-            tick("mask and sign")
-            hu = _stored_to_hu(stored, frame, path)
-            tick("rescale to HU")
+            tick("mask and sign", totals)
+            hu = stored_to_hu(stored, frame.encoding, path)
+            tick("rescale to HU", totals)
             check_ct_plausibility(hu)
-            tick("plausibility check")
-            windowed = window_to_uint8(hu, prepare.window_center, prepare.window_width)
-            tick("window to uint8")
+            tick("plausibility check", totals)
+            windowed = window_to_uint8(hu, center, width)
+            tick("window to uint8", totals)
             expected = resize_keep_aspect(windowed, prepare.image_size)
-            tick("resize to 384")
+            tick("resize to 384", totals)
 
-            key = (frame.bits_stored, frame.pixel_representation, frame.rescale_slope, frame.rescale_intercept,
-                   frame.pixel_padding_value, frame.pixel_padding_range_limit)
-            start = time.perf_counter()
-            table = tables.get(key)
-            if table is None:
-                table = tables[key] = stored_to_uint8_table(frame, path, prepare)
-            looked_up = np.take(table, pixels)
-            middle = time.perf_counter()
+            words = as_16bit_words(pixels, frame.bits_stored)
+            check_rescale(frame.encoding, path)
+            tables = window_tables(frame.encoding, center, width)
+            clock.append(time.perf_counter())
+            check_ct_plausibility(np.take(tables.hu, words[::PLAUSIBILITY_ROW_STEP]), row_step=1)
+            tick("plausibility check on table HU", table_totals)
+            looked_up = np.take(tables.uint8, words)
+            tick("lookup table to uint8", table_totals)
             candidate = resize_keep_aspect(looked_up, prepare.image_size)
-            end = time.perf_counter()
-            table_totals["lookup table (cached per header)"] += middle - start
-            table_totals["resize to 384"] += end - middle
+            tick("resize to 384", table_totals)
             identical = identical and np.array_equal(candidate, expected)
     n = repeats * len(files)
     return ({step: 1000 * total / n for step, total in totals.items()},
@@ -282,28 +276,6 @@ def measure_prepare_split(data_dir: Path, work: Path, workers: int, repeats: int
 
 # ---------------------------------------------------------------------------------------------
 # StudyCache random reads
-
-
-def build_synthetic_cache(cache_dir: Path, n_studies: int, n_slices: int, size: int, seed: int = 0) -> list[str]:
-    """Write uint8 volumes and slices.csv in the prepared-cache layout; return the study UIDs."""
-    from csfd import cache
-
-    rng = np.random.default_rng(seed)
-    studies = cache.studies_dir(cache_dir, "train")
-    studies.mkdir(parents=True, exist_ok=True)
-    uids, frames = [], []
-    for index in range(n_studies):
-        uid = f"1.2.826.0.1.3680043.98.{index + 1}"
-        np.save(cache.volume_path(studies, uid), rng.integers(0, 256, size=(n_slices, size, size), dtype=np.uint8))
-        frames.append(pd.DataFrame({
-            "StudyInstanceUID": uid,
-            "slice_number": np.arange(1, n_slices + 1),
-            "position_index": np.arange(n_slices),
-            "z": -np.arange(n_slices, dtype=float),
-        }))
-        uids.append(uid)
-    pd.concat(frames).to_csv(cache.split_dir(cache_dir, "train") / "slices.csv", index=False)
-    return uids
 
 
 def measure_cache_reads(cache_dir: Path, uids: list[str], n_slices: int, reads: int, repeats: int) -> dict[str, Timing]:
@@ -441,20 +413,22 @@ def run(args: argparse.Namespace) -> dict:
 
 def step_breakdown_rows(entry: dict) -> list[dict]:
     label, rows = entry["format"], []
-    path = "read_slice (dicomsdl) + window + resize"
+    shared = ("open file", "parse header", "decode pixels")
+    path = "HU path (read_slice without a window) + window + resize"
     for step, ms in entry["steps_ms"].items():
         rows.append({"format": label, "path": path, "step": step, "ms/slice": ms})
-    if 1 in entry["prepare"]:
-        prepare_ms = 1000 / entry["prepare"][1]["timing"].rate
-        rows.append({"format": label, "path": path,
-                     "step": "rest of prepare_split (ordering, stacking, .npy/.json/.csv writes)",
-                     "ms/slice": prepare_ms - sum(entry["steps_ms"].values())})
-    path = "candidate: lookup table"
-    for step in ("open file", "parse header", "decode pixels"):
+    path = "lookup-table path (prepare: read_slice with a window) + resize"
+    for step in shared:
         rows.append({"format": label, "path": path, "step": step, "ms/slice": entry["steps_ms"][step]})
     for step, ms in entry["table_ms"].items():
         rows.append({"format": label, "path": path, "step": step, "ms/slice": ms})
-    rows.append({"format": label, "path": path, "step": "output equal to the pipeline's", "ms/slice": None,
+    if 1 in entry["prepare"]:
+        prepare_ms = 1000 / entry["prepare"][1]["timing"].rate
+        per_slice = sum(entry["steps_ms"][step] for step in shared) + sum(entry["table_ms"].values())
+        rows.append({"format": label, "path": path,
+                     "step": "rest of prepare_split (ordering, stacking, .npy/.json/.csv writes)",
+                     "ms/slice": prepare_ms - per_slice})
+    rows.append({"format": label, "path": path, "step": "output equal to the HU path's", "ms/slice": None,
                  "note": "yes" if entry["table_identical"] else "NO"})
     return rows
 

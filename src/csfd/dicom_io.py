@@ -1,15 +1,14 @@
-"""Read one CT slice into Hounsfield units, with dicomsdl first and pydicom as fallback.
+"""Read one CT slice into Hounsfield units, or into the windowed uint8 of the cache.
 
-Steps, the same for both readers:
-1. Stored values: the decoded words are masked to BitsStored bits and, when
-   PixelRepresentation is 1, sign-extended. Decoders disagree here (pydicom 3.0 sign-extends
-   native data itself, dicomsdl 0.109 returns the raw word), so this step makes both agree.
-2. Padding: stored values equal to PixelPaddingValue, or within PixelPaddingValue ..
-   PixelPaddingRangeLimit when that tag is present, become air (-1000 HU).
-3. HU = stored * RescaleSlope + RescaleIntercept, with each file's own tags, applied once.
-   MONOCHROME1 only changes how an image is displayed, so HU are never inverted for it.
-4. Plausibility: a decoded CT slice whose values wrap around (see `check_ct_plausibility`)
-   counts as that reader's failure, so a corrupt codestream raises instead of returning noise.
+dicomsdl reads first and pydicom is the fallback. Both go through the same steps
+(csfd.hounsfield): stored values, padding to air, rescale with each file's own tags, and a
+plausibility check, so that a corrupt codestream raises instead of returning noise. The
+stored-value step makes the readers agree: pydicom 3.0 sign-extends native data itself, and
+dicomsdl 0.109 returns the raw word. MONOCHROME1 only changes how an image is displayed, so HU
+are never inverted for it.
+
+With a window, 16-bit slices go through per-header lookup tables (csfd.hounsfield.window_tables)
+that give the same uint8 as the steps in turn; the plausibility check reads the tables' HU.
 
 JPEG 2000 sign conflicts: PixelRepresentation decides the sign, as pydicom 3.0 does by
 default (its apply_j2k_sign_correction option). The codestream's sign (from its SIZ marker) is
@@ -33,6 +32,7 @@ from pydicom.uid import UID
 from csfd.dicom_readers import (
     JPEG2000_SYNTAXES,
     READERS,
+    DicomReadError,
     HeaderRejected,
     RawFrame,
     check_decoders,
@@ -40,10 +40,21 @@ from csfd.dicom_readers import (
     read_j2k_signedness,
     read_transfer_syntax,
 )
+from csfd.hounsfield import (
+    PLAUSIBILITY_ROW_STEP,
+    as_16bit_words,
+    check_ct_plausibility,
+    check_rescale,
+    stored_to_hu,
+    to_stored_values,
+    window_tables,
+    window_to_uint8,
+)
 
 __all__ = [
     "DicomReadError",
     "DicomSlice",
+    "Window",
     "check_ct_plausibility",
     "check_decoders",
     "find_missing_decoders",
@@ -54,38 +65,29 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-AIR_HU = -1000.0
-
-# Plausibility limits for a decoded CT slice. The 12-bit CT scale spans -1024..3071 HU and
-# out-of-field fill values reach down to -3024 HU, so two neighbouring pixels of a real slice
-# differ by at most about 6100 HU. A jump above WRAP_JUMP_HU means the values wrapped around.
-# Metal on an extended CT scale can exceed it along its edge, which is far below
-# MAX_WRAP_FRACTION of the pixel pairs. Measured on the real test files: no pair above 8000 HU
-# in any valid slice, 27% in the corrupt JPEG Lossless file, 15% in a 16-bit slice read with
-# the wrong sign.
-WRAP_JUMP_HU = 8000.0
-MAX_WRAP_FRACTION = 0.01
-# More than 5% of a slice above 8000 HU cannot be anatomy, even with metal implants.
-HIGH_HU = 8000.0
-MAX_HIGH_FRACTION = 0.05
-# The checks read every second row (csfd.dicom_io.check_ct_plausibility).
-PLAUSIBILITY_ROW_STEP = 2
-
-
-class DicomReadError(Exception):
-    """A DICOM file that cannot be turned into correct HU. The message names the file and the reason."""
-
 
 class _DecodeRejected(Exception):
     """One reader's decode is unusable, but the next reader may still succeed."""
 
 
+@dataclass(frozen=True)
+class Window:
+    """A display window in HU: center - width/2 maps to 0 and center + width/2 to 255."""
+
+    center: float
+    width: float
+
+
 @dataclass
 class DicomSlice:
-    """One decoded CT slice in Hounsfield units, with the geometry needed to order a series."""
+    """One decoded CT slice with the geometry needed to order a series.
+
+    `pixels` contains float32 Hounsfield units, or the windowed uint8 when read with a window.
+    """
 
     path: Path
-    hu: np.ndarray  # float32 (rows, cols), Hounsfield units
+    pixels: np.ndarray  # (rows, cols): float32 HU, or uint8 when `window` is set
+    window: Window | None
     position: np.ndarray | None  # ImagePositionPatient (3,), mm, LPS
     orientation: np.ndarray | None  # ImageOrientationPatient (6,)
     pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing), mm
@@ -95,93 +97,12 @@ class DicomSlice:
     reader: str  # "dicomsdl" or "pydicom"
     warnings: list[str] = field(default_factory=list)  # about this file, which `path` names
 
-
-def _sign_extend(values: np.ndarray, bits: int) -> np.ndarray:
-    """Interpret the low `bits` bits of each integer as two's complement, in place."""
-    sign_bit = values.dtype.type(1) << (bits - 1)
-    np.bitwise_xor(values, sign_bit, out=values)
-    np.subtract(values, sign_bit, out=values)
-    return values
-
-
-def to_stored_values(raw: np.ndarray, bits_stored: int, pixel_representation: int) -> np.ndarray:
-    """Return int32 stored values: mask `raw` to `bits_stored` bits, then sign-extend if signed.
-
-    Example: the word 0x0F38 with BitsStored 12 is 3896 unsigned and -200 signed.
-    """
-    raw = np.asarray(raw)
-    # int32 fits every CT value (BitsStored 16 or less) and halves the memory traffic of int64;
-    # wider words keep int64 so that masking and sign extension stay exact.
-    work = np.int32 if bits_stored <= 16 and raw.dtype.itemsize <= 4 else np.int64
-    values = raw.astype(work)
-    np.bitwise_and(values, (work(1) << bits_stored) - 1, out=values)
-    if pixel_representation == 1:
-        values = _sign_extend(values, bits_stored)
-    return values.astype(np.int32, copy=False)
-
-
-def _padding_mask(stored: np.ndarray, frame: RawFrame) -> np.ndarray | None:
-    if frame.pixel_padding_value is None:
-        return None
-    # The tag's VR (US or SS) may not match PixelRepresentation (a US 63536 meaning -2000),
-    # so it goes through the same masking and sign rule as the pixels.
-    bounds = [frame.pixel_padding_value]
-    if frame.pixel_padding_range_limit is not None:
-        bounds.append(frame.pixel_padding_range_limit)
-    bounds = to_stored_values(np.array(bounds), frame.bits_stored, frame.pixel_representation)
-    return (stored >= bounds.min()) & (stored <= bounds.max())
-
-
-def _stored_to_hu(stored: np.ndarray, frame: RawFrame, path: Path) -> np.ndarray:
-    if frame.rescale_slope is None or frame.rescale_intercept is None:
-        raise DicomReadError(
-            f"{path}: RescaleSlope or RescaleIntercept is missing, so the stored values cannot be "
-            "converted to Hounsfield units"
-        )
-    if frame.rescale_slope == 0:
-        raise DicomReadError(f"{path}: RescaleSlope is 0, so every pixel would have the same HU")
-    slope, intercept = frame.rescale_slope, frame.rescale_intercept
-    if float(slope).is_integer() and float(intercept).is_integer() and abs(intercept) < 2**23:
-        # Integer rescale (1 and -1024 on nearly every CT): float32 gives the same values as
-        # float64 rounded to float32, at half the memory traffic.
-        hu = stored.astype(np.float32)
-        if slope != 1:
-            hu *= np.float32(slope)
-        hu += np.float32(intercept)
-    else:
-        hu = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
-    padding = _padding_mask(stored, frame)
-    if padding is not None:
-        hu[padding] = AIR_HU
-    return hu
-
-
-def check_ct_plausibility(hu: np.ndarray) -> str | None:
-    """Return why `hu` cannot be a decoded CT slice, or None when it can.
-
-    Two signs of a wrong decode: neighbouring pixels that differ by more than WRAP_JUMP_HU
-    (values that wrapped around), and a large share of pixels above HIGH_HU.
-    """
-    if hu.ndim != 2 or hu.shape[1] < 2:
-        return None
-    # Every PLAUSIBILITY_ROW_STEP-th row: over 100,000 pixel pairs of a 512 x 512 slice estimate
-    # shares of a few percent well, at a fraction of the decode time.
-    rows = hu[::PLAUSIBILITY_ROW_STEP]
-    step = rows[:, 1:] - rows[:, :-1]
-    wrap_fraction = np.count_nonzero((step > WRAP_JUMP_HU) | (step < -WRAP_JUMP_HU)) / step.size
-    if wrap_fraction > MAX_WRAP_FRACTION:
-        return (
-            f"{wrap_fraction:.1%} of neighbouring pixel pairs differ by more than {WRAP_JUMP_HU:.0f} HU "
-            f"(limit {MAX_WRAP_FRACTION:.0%}); the decoded values wrap around, so the codestream "
-            "is corrupt or was read with the wrong sign"
-        )
-    high_fraction = np.count_nonzero(rows > HIGH_HU) / rows.size
-    if high_fraction > MAX_HIGH_FRACTION:
-        return (
-            f"{high_fraction:.1%} of pixels are above {HIGH_HU:.0f} HU (limit {MAX_HIGH_FRACTION:.0%}), "
-            "which no anatomy reaches"
-        )
-    return None
+    @property
+    def hu(self) -> np.ndarray:
+        """The float32 Hounsfield units; an error for a slice read through a window."""
+        if self.window is not None:
+            raise ValueError(f"{self.path} was read through a window, so its pixels are uint8, not HU")
+        return self.pixels
 
 
 def _hu_from_codestream_sign(frame: RawFrame, path: Path, reason: str) -> tuple[np.ndarray, str] | None:
@@ -195,7 +116,7 @@ def _hu_from_codestream_sign(frame: RawFrame, path: Path, reason: str) -> tuple[
     if int(codestream_signed) == frame.pixel_representation:
         return None
     stored = to_stored_values(frame.pixels, precision, int(codestream_signed))
-    hu = _stored_to_hu(stored, frame, path)
+    hu = stored_to_hu(stored, frame.encoding, path)
     if check_ct_plausibility(hu) is not None:
         return None
     warning = (
@@ -218,7 +139,7 @@ def _hu_from_frame(frame: RawFrame, path: Path) -> tuple[np.ndarray, list[str]]:
     if raw.shape != (frame.rows, frame.columns):
         raise _DecodeRejected(f"decoded shape {raw.shape} differs from Rows x Columns {(frame.rows, frame.columns)}")
     stored = to_stored_values(raw, frame.bits_stored, frame.pixel_representation)
-    hu = _stored_to_hu(stored, frame, path)
+    hu = stored_to_hu(stored, frame.encoding, path)
     reason = check_ct_plausibility(hu)
     if reason is None:
         return hu, slice_warnings
@@ -230,6 +151,20 @@ def _hu_from_frame(frame: RawFrame, path: Path) -> tuple[np.ndarray, list[str]]:
     return hu, slice_warnings
 
 
+def _window_from_frame(frame: RawFrame, path: Path, window: Window) -> tuple[np.ndarray, list[str]]:
+    """Convert one backend's frame to windowed uint8, through the lookup tables where they apply."""
+    raw = np.asarray(frame.pixels)
+    words = as_16bit_words(raw, frame.bits_stored)
+    if words is not None and raw.shape == (frame.rows, frame.columns):
+        check_rescale(frame.encoding, path)
+        tables = window_tables(frame.encoding, float(window.center), float(window.width))
+        if check_ct_plausibility(np.take(tables.hu, words[::PLAUSIBILITY_ROW_STEP]), row_step=1) is None:
+            return np.take(tables.uint8, words), list(frame.warnings)
+    # Other word sizes, and implausible slices (for their retry and their error message).
+    hu, slice_warnings = _hu_from_frame(frame, path)
+    return window_to_uint8(hu, window.center, window.width), slice_warnings
+
+
 def _transfer_syntax_label(uid: str) -> str:
     return f"{UID(uid).name} ({uid})" if uid else "unknown transfer syntax"
 
@@ -238,8 +173,12 @@ def _unknown_reader(reader: str) -> ValueError:
     return ValueError(f"unknown DICOM reader {reader!r}; choose from {sorted(READERS)}")
 
 
-def read_slice(path: str | Path, readers: tuple[str, ...] = ("dicomsdl", "pydicom")) -> DicomSlice:
-    """Read one single-frame CT file into HU, trying `readers` in order.
+def read_slice(
+    path: str | Path,
+    readers: tuple[str, ...] = ("dicomsdl", "pydicom"),
+    window: Window | None = None,
+) -> DicomSlice:
+    """Read one single-frame CT file into HU, or into uint8 through `window`, trying `readers` in order.
 
     Raises DicomReadError naming the file, its transfer syntax and every reader's error when
     no reader gives a plausible slice, and at once when the header rules the file out
@@ -261,7 +200,10 @@ def read_slice(path: str | Path, readers: tuple[str, ...] = ("dicomsdl", "pydico
             continue
         transfer_syntax = frame.transfer_syntax
         try:
-            hu, slice_warnings = _hu_from_frame(frame, path)
+            if window is None:
+                pixels, slice_warnings = _hu_from_frame(frame, path)
+            else:
+                pixels, slice_warnings = _window_from_frame(frame, path, window)
         except _DecodeRejected as error:
             errors.append(f"{reader}: {error}")
             continue
@@ -271,7 +213,8 @@ def read_slice(path: str | Path, readers: tuple[str, ...] = ("dicomsdl", "pydico
             slice_warnings.insert(0, message)
         return DicomSlice(
             path=path,
-            hu=hu,
+            pixels=pixels,
+            window=window,
             position=frame.position,
             orientation=frame.orientation,
             pixel_spacing=frame.pixel_spacing,

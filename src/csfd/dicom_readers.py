@@ -93,6 +93,18 @@ def check_decoders() -> None:
         raise RuntimeError(f"dicomsdl is not importable ({_DICOMSDL_IMPORT_ERROR}): pip install dicomsdl")
 
 
+@dataclass(frozen=True)
+class PixelEncoding:
+    """The header fields that map a decoded word to HU; hashable, so tables can be cached per header."""
+
+    bits_stored: int
+    pixel_representation: int
+    rescale_slope: float | None
+    rescale_intercept: float | None
+    pixel_padding_value: int | None = None
+    pixel_padding_range_limit: int | None = None
+
+
 @dataclass
 class RawFrame:
     """Header fields and the first frame of one file, as one backend decoded them."""
@@ -119,6 +131,22 @@ class RawFrame:
     instance_number: int | None
     modality: str
     warnings: list[str]
+
+    @property
+    def encoding(self) -> PixelEncoding:
+        """The fields that map this frame's words to HU (csfd.hounsfield)."""
+        return PixelEncoding(
+            bits_stored=self.bits_stored,
+            pixel_representation=self.pixel_representation,
+            rescale_slope=self.rescale_slope,
+            rescale_intercept=self.rescale_intercept,
+            pixel_padding_value=self.pixel_padding_value,
+            pixel_padding_range_limit=self.pixel_padding_range_limit,
+        )
+
+
+class DicomReadError(Exception):
+    """A DICOM file that cannot be turned into correct HU. The message names the file and the reason."""
 
 
 class HeaderRejected(ValueError):

@@ -28,7 +28,8 @@ from csfd.cache import StudyCache
 from csfd.config import ExperimentConfig, PrepareConfig
 from csfd.dicom_io import DicomReadError
 from csfd.io_utils import atomic_save_npy, atomic_write_csv, atomic_write_text
-from csfd.volume import PreparedStudy, load_study, resize_keep_aspect, window_to_uint8
+from csfd.hounsfield import window_to_uint8
+from csfd.volume import PreparedStudy, load_study, resize_keep_aspect
 
 # Other stages import the reader and the in-memory loader from here, the stage's entry point.
 __all__ = [

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from csfd.dicom_io import DicomReadError, read_slice
+from csfd.dicom_io import DicomReadError, Window, read_slice
 from csfd.series_geometry import SliceGeometry, check_geometry, order_by_position
 
 logger = logging.getLogger(__name__)
@@ -89,11 +89,12 @@ def load_series(
     study_dir: str | Path,
     transform: Callable[[np.ndarray], np.ndarray] | None = None,
     readers: tuple[str, ...] = ("dicomsdl", "pydicom"),
+    window: Window | None = None,
 ) -> Series:
     """Read every slice of `study_dir` and return them in canonical order.
 
-    `transform` is applied to each slice's float32 HU as soon as it is decoded, so only the
-    transformed slices are kept. The default keeps HU. Raises DicomReadError when a slice
+    Each slice is read as float32 HU, or as uint8 through `window`, and `transform` is applied
+    to it as soon as it is decoded, so only the transformed slices are kept. Raises DicomReadError when a slice
     cannot be read, when slices differ in size, or when positions are missing (see module doc).
     """
     study_dir = Path(study_dir)
@@ -106,15 +107,16 @@ def load_series(
     image_shape: tuple[int, int] | None = None
     first_path = paths[0]
     for path in paths:
-        dicom_slice = read_slice(path, readers)
+        dicom_slice = read_slice(path, readers, window)
+        pixels = dicom_slice.pixels
         if image_shape is None:
-            image_shape = dicom_slice.hu.shape
-        elif dicom_slice.hu.shape != image_shape:
+            image_shape = pixels.shape
+        elif pixels.shape != image_shape:
             raise DicomReadError(
                 f"study {study_dir.name}: slices differ in size: {first_path.name} is {image_shape}, "
-                f"{path.name} is {dicom_slice.hu.shape}; a volume needs one size"
+                f"{path.name} is {pixels.shape}; a volume needs one size"
             )
-        arrays.append(dicom_slice.hu if transform is None else transform(dicom_slice.hu))
+        arrays.append(pixels if transform is None else transform(pixels))
         geometries.append(
             SliceGeometry(
                 path=path,

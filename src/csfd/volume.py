@@ -18,19 +18,9 @@ from nibabel.filebasedimages import ImageFileError
 
 from csfd.config import PrepareConfig
 from csfd.constants import VERTEBRAE
-from csfd.dicom_io import DicomReadError
+from csfd.dicom_io import DicomReadError, Window
 from csfd.segmentation import load_segmentation_aligned, vertebra_visibility
 from csfd.series import Series, load_series
-
-
-def window_to_uint8(hu: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Map Hounsfield units to uint8: center - width/2 and below is 0, center + width/2 and above 255."""
-    if width <= 0:
-        raise ValueError(f"window width must be positive, got {width}")
-    low = center - width / 2.0
-    scaled = (np.asarray(hu, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / width)
-    np.clip(scaled, 0.0, 255.0, out=scaled)
-    return np.rint(scaled).astype(np.uint8)
 
 
 def resize_keep_aspect(image: np.ndarray, size: int) -> np.ndarray:
@@ -60,11 +50,15 @@ def resize_keep_aspect(image: np.ndarray, size: int) -> np.ndarray:
     return canvas
 
 
-def slice_transform(prepare: PrepareConfig) -> Callable[[np.ndarray], np.ndarray]:
-    """Return the per-slice transform for load_series: window HU to uint8, then resize to S x S."""
+def prepare_window(prepare: PrepareConfig) -> Window:
+    """Return the configured window, which read_slice applies as it decodes."""
+    return Window(center=prepare.window_center, width=prepare.window_width)
 
-    def transform(hu: np.ndarray) -> np.ndarray:
-        image = window_to_uint8(hu, prepare.window_center, prepare.window_width)
+
+def slice_transform(prepare: PrepareConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """Return the per-slice transform for load_series after windowing: resize to S x S."""
+
+    def transform(image: np.ndarray) -> np.ndarray:
         return resize_keep_aspect(image, prepare.image_size)
 
     return transform
@@ -107,7 +101,7 @@ def load_study(
     `vertebra_visibility` None and sets `segmentation_error`, so the volume stays usable.
     """
     study_dir = Path(study_dir)
-    series = load_series(study_dir, transform=slice_transform(prepare_config))
+    series = load_series(study_dir, transform=slice_transform(prepare_config), window=prepare_window(prepare_config))
     warnings = list(series.warnings)
     # load_series rejects a study whose slices differ in size, so one shape describes them all.
     if series.image_shape is None:

@@ -3,7 +3,7 @@
     python -m csfd.kernel.benchmark throughput --config configs/sample.yaml [--backbone B --image-size S]
     python -m csfd.kernel.benchmark stride --config configs/sample.yaml [--strides 1 2 3 4]
 
-`throughput` times the decode of real CT slices (csfd.dicom_io.read_slice plus the HU window
+`throughput` times the decode of real CT slices (csfd.dicom_io.read_slice through the window
 and resize of the prepare config) and the slice models of one fold (vertebra and fracture,
 random weights, csfd.inference.predict_volume), then projects the kernel's time.
 `stride` scores the run's out-of-fold slice predictions thinned to every k-th slice and
@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from csfd.config import ExperimentConfig, load_config
-from csfd.constants import TARGETS, VERTEBRAE
+from csfd.constants import VERTEBRAE
 from csfd.inference import FoldModels, interpolate_positions, predict_volume, strided_positions
 from csfd.models import create_slice_model
 
@@ -36,14 +36,14 @@ VALUE_COLUMNS = [f"vis_{v}" for v in VERTEBRAE] + [f"frac_{v}" for v in VERTEBRA
 def time_decode(paths: list[Path], config: ExperimentConfig, repeats: int = 5) -> float:
     """Return the mean seconds to read one slice and turn it into a prepared uint8 image."""
     from csfd.dicom_io import read_slice
-    from csfd.volume import slice_transform
+    from csfd.volume import prepare_window, slice_transform
 
-    transform = slice_transform(config.prepare)
-    transform(read_slice(paths[0]).hu)  # warm-up: imports and decoder plugins
+    transform, window = slice_transform(config.prepare), prepare_window(config.prepare)
+    transform(read_slice(paths[0], window=window).pixels)  # warm-up: imports and decoder plugins
     started = time.perf_counter()
     for _ in range(repeats):
         for path in paths:
-            transform(read_slice(path).hu)
+            transform(read_slice(path, window=window).pixels)
     return (time.perf_counter() - started) / (repeats * len(paths))
 
 
