@@ -35,6 +35,7 @@ import torch
 
 from benchmarks.common import (
     CpuMeter,
+    build_synthetic_cache,
     format_table,
     load_average,
     machine_info,
@@ -138,27 +139,7 @@ def project_gpu(backbone: str, forward_gflops_at_size: float, forward_gflops_ref
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic cache and loader
-
-
-def build_synthetic_cache(cache_dir: Path, n_studies: int, n_slices: int, size: int, seed: int = 0) -> list[str]:
-    """Write random uint8 volumes and slices.csv in the prepared-cache layout; return the study UIDs."""
-    import pandas as pd
-
-    from csfd import cache
-
-    rng = np.random.default_rng(seed)
-    studies = cache.studies_dir(cache_dir, "train")
-    studies.mkdir(parents=True, exist_ok=True)
-    uids, frames = [], []
-    for index in range(n_studies):
-        uid = f"1.2.826.0.1.3680043.97.{index + 1}"
-        np.save(cache.volume_path(studies, uid), rng.integers(0, 256, size=(n_slices, size, size), dtype=np.uint8))
-        frames.append(pd.DataFrame({"StudyInstanceUID": uid, "slice_number": np.arange(1, n_slices + 1),
-                                    "position_index": np.arange(n_slices), "z": -np.arange(n_slices, dtype=float)}))
-        uids.append(uid)
-    pd.concat(frames).to_csv(cache.split_dir(cache_dir, "train") / "slices.csv", index=False)
-    return uids
+# Loader
 
 
 def measure_loader(cache_dir: Path, model_config, items: int, seed: int) -> dict:
