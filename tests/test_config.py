@@ -47,6 +47,11 @@ def test_invalid_choice_rejected():
         load_config(None, ["prepare.irregular_series=maybe"])
 
 
+def test_zero_validation_interval_rejected():
+    with pytest.raises(ConfigError, match="vertebra.valid_every_epochs: expected 1 or more, got 0"):
+        load_config(None, ["vertebra.valid_every_epochs=0"])
+
+
 def test_config_is_frozen():
     config = load_config(None)
     with pytest.raises(AttributeError):

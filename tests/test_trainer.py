@@ -64,6 +64,32 @@ def test_fit_is_deterministic():
     assert torch.equal(weights[0], weights[1])
 
 
+def test_validation_every_k_epochs(monkeypatch):
+    from csfd import trainer
+
+    scored = []
+    real_evaluate = trainer.evaluate_loss
+
+    def counting_evaluate(model, dataset, config, device):
+        scored.append(len(dataset))
+        return real_evaluate(model, dataset, config, device)
+
+    weights, results = [], []
+    for every in (1, 2):
+        monkeypatch.setattr(trainer, "evaluate_loss", counting_evaluate)
+        config = _tiny_config(epochs=5, valid_every_epochs=every)
+        torch.manual_seed(0)
+        model = create_slice_model(config.backbone, 3, 2)
+        scored.clear()
+        results.append(fit(model, _toy_dataset(), _toy_dataset(8), config, torch.device("cpu"), seed=0, label="toy"))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        # Every epoch, or epochs 2, 4 and the last one (5).
+        assert len(scored) == (5 if every == 1 else 3)
+    # Skipping validation leaves the training unchanged, so the last epoch's loss is the same.
+    assert torch.equal(weights[0], weights[1])
+    assert results[0].valid_loss == results[1].valid_loss
+
+
 def test_stack_indices_clamp_at_ends():
     assert stack_indices(0, 5, 1).tolist() == [0, 0, 1]
     assert stack_indices(4, 5, 1).tolist() == [3, 4, 4]

@@ -70,6 +70,8 @@ class SliceModelConfig:
     image_size: int = 384
     context_slices: int = 1  # neighbours on each side stacked as channels (2.5D)
     epochs: int = 10
+    # Score the validation loss after every this many epochs, and always after the last one.
+    valid_every_epochs: int = 1
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -361,6 +363,8 @@ def _validate(config: ExperimentConfig) -> None:
         model = getattr(config, section)
         if model.context_slices < 0:
             raise ConfigError(f"{section}.context_slices: expected 0 or more, got {model.context_slices}")
+        if model.valid_every_epochs < 1:
+            raise ConfigError(f"{section}.valid_every_epochs: expected 1 or more, got {model.valid_every_epochs}")
         if model.grad_accum_steps < 1:
             raise ConfigError(f"{section}.grad_accum_steps: expected 1 or more, got {model.grad_accum_steps}")
         if model.visibility_threshold >= 1.0:

@@ -132,7 +132,9 @@ def fit(
     start = time.time()
     for epoch in range(loop.progress.epoch, config.epochs):
         loop.run_epoch(epoch_dataset(epoch), checkpoint)
-        loop.progress.valid_loss = evaluate_loss(model, valid_set, config, device) if valid_set is not None else None
+        loop.progress.valid_loss = None
+        if valid_set is not None and _validates_after(epoch, config):
+            loop.progress.valid_loss = evaluate_loss(model, valid_set, config, device)
         loop.finish_epoch(checkpoint)
     progress: TrainProgress = loop.progress
     if progress.skipped_steps:
@@ -147,6 +149,11 @@ def fit(
         loop.total_steps,
         progress.skipped_steps,
     )
+
+
+def _validates_after(epoch: int, config: SliceModelConfig) -> bool:
+    # The validation loss is only reported, so skipping it leaves the training itself unchanged.
+    return (epoch + 1) % config.valid_every_epochs == 0 or epoch + 1 == config.epochs
 
 
 def train_stage(
