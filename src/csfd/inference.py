@@ -14,7 +14,7 @@ from torch import nn
 from csfd.config import ExperimentConfig, load_config
 from csfd.constants import VERTEBRAE
 from csfd.data import batch_model_input
-from csfd.models import create_slice_model, load_weights
+from csfd.models import create_slice_model, load_weights, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def load_fold_models(run_root: Path, folds: tuple[int, ...] = (), device: torch.
             meta = torch.load(weights, map_location="cpu", weights_only=True)
             model = create_slice_model(model_config.backbone, meta["in_chans"], meta["num_outputs"], "")
             load_weights(model, weights)
-            built.append(model.to(device).eval())
+            built.append(to_device(model, device).eval())
         models.append(FoldModels(fold, config, *built))
     if not models:
         raise FileNotFoundError(f"no trained fold found under {run_root}; run `make train FOLD=k` first")
@@ -145,8 +145,7 @@ def _run_models(
     outputs: list[list[np.ndarray]] = [[] for _ in models]
     for start in range(0, len(positions), batch_size):
         images = _stacks(volume, positions[start : start + batch_size], context, image_size).to(device)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
         mirrored = torch.flip(images, dims=(-1,)) if any(flip for _, flip in models) else None
         for index, (model, flip) in enumerate(models):
             probabilities = _sigmoid_outputs(model, images, device)

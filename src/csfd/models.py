@@ -49,6 +49,17 @@ def create_slice_model(backbone: str, in_chans: int, num_outputs: int, pretraine
     return model
 
 
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move `model` to `device` in channels_last, the one layout every stage uses.
+
+    channels_last measured 25 to 35% faster training steps on the CPU too (test_resnet at 96 px
+    and tf_efficientnet_b0 at 256 px, 2 cores). One layout everywhere also keeps a resumed run
+    identical to an uninterrupted one: the two layouts run different convolution kernels,
+    whose outputs differ in the last bits.
+    """
+    return model.to(device, memory_format=torch.channels_last)
+
+
 def save_weights(model: nn.Module, path: Path, config_hash: str, extra: dict | None = None) -> None:
     """Save the state dict with the config hash that produced it, atomically."""
     from csfd.io_utils import atomic_path

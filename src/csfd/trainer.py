@@ -33,7 +33,7 @@ from csfd.distributed import (
     is_main_process,
     run_on_main,
 )
-from csfd.models import save_weights
+from csfd.models import save_weights, to_device
 from csfd.training_loop import TrainLoop, TrainProgress, autocast, make_loader, optimizer_steps_per_epoch, weighted_bce
 
 # Loader, loss and autocast helpers live in training_loop and are part of this module's API.
@@ -113,9 +113,8 @@ def fit(
     """
     if config.checkpoint_every_steps < 0:
         raise ValueError(f"checkpoint_every_steps: expected 0 or more, got {config.checkpoint_every_steps}")
-    model.to(device)
+    to_device(model, device)
     if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
@@ -181,7 +180,7 @@ def train_stage(
     finished = run_on_main(read_finished_stage, weights_path, config_hash)
     if finished is not None:
         model.load_state_dict(finished["state_dict"])
-        model.to(device)
+        to_device(model, device)
         restore_rng_state(finished["rng"])
         logger.info("Stage %s already finished (%s, config hash %s): loaded it instead of training", label, weights_path, config_hash)
         return FitResult(**finished["fit_result"])
@@ -210,13 +209,11 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int, num_workers: in
 
     Under torchrun each rank predicts its share and every rank returns the gathered whole.
     """
-    model.to(device).eval()
+    to_device(model, device).eval()
     loader = make_loader(dataset, batch_size, False, num_workers, 0, sampler=_inference_sampler(dataset))
     outputs = []
     for images, _, _ in tqdm(loader, desc=label, leave=False, mininterval=2.0, disable=not is_main_process()):
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with autocast(device):
             logits = model(images)
         outputs.append(torch.sigmoid(logits.float()).cpu().numpy())
@@ -228,14 +225,14 @@ def predict(model: nn.Module, dataset: Dataset, batch_size: int, num_workers: in
 @torch.inference_mode()
 def evaluate_loss(model: nn.Module, dataset: Dataset, config: SliceModelConfig, device: torch.device) -> float:
     """Return the weighted BCE over `dataset`; under torchrun the ranks split it and sum."""
-    model.to(device).eval()
+    to_device(model, device).eval()
     # Unpadded strided shards: every item counts exactly once in the summed loss.
     sampler = range(get_rank(), len(dataset), get_world_size()) if is_distributed() else None
     loader = make_loader(dataset, config.batch_size, False, config.num_workers, 0, sampler=sampler)
     total, weight = 0.0, 0.0
     for images, targets, weights in loader:
         with autocast(device):
-            logits = model(images.to(device))
+            logits = model(images.to(device).contiguous(memory_format=torch.channels_last))
         targets, weights = targets.to(device), weights.to(device)
         loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets, weight=weights, reduction="sum")
         total += float(loss)

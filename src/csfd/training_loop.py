@@ -238,9 +238,7 @@ class TrainLoop:
         )
         for offset, (images, targets, weights) in enumerate(bar):
             batch = first_batch + offset
-            images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.contiguous(memory_format=torch.channels_last)
+            images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             targets = targets.to(device, non_blocking=True)
             weights = weights.to(device, non_blocking=True)
             last_in_group = (batch + 1) % config.grad_accum_steps == 0 or batch + 1 == n_batches

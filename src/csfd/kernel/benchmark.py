@@ -26,7 +26,7 @@ import torch
 from csfd.config import ExperimentConfig, load_config
 from csfd.constants import VERTEBRAE
 from csfd.inference import FoldModels, interpolate_positions, predict_volume, strided_positions
-from csfd.models import create_slice_model
+from csfd.models import create_slice_model, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def time_models(config: ExperimentConfig, n_slices: int = 64, batch_size: int = 
     models = []
     for model_config, outputs in ((config.vertebra, len(VERTEBRAE)), (config.fracture, 2 * len(VERTEBRAE))):
         model = create_slice_model(model_config.backbone, 2 * model_config.context_slices + 1, outputs, "")
-        models.append(model.to(device).eval())
+        models.append(to_device(model, device).eval())
     fold = FoldModels(0, config, *models)
     size = config.prepare.image_size
     volume = np.random.default_rng(0).integers(0, 256, (n_slices, size, size), dtype=np.uint8)
