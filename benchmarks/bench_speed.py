@@ -194,7 +194,8 @@ def measure_training(model, in_chans: int, size: int, batch: int, steps: int, se
     from csfd.trainer import weighted_bce
 
     generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, in_chans, size, size, generator=generator)
+    # channels_last, the layout csfd.models.to_device gives every stage.
+    images = torch.rand(batch, in_chans, size, size, generator=generator).contiguous(memory_format=torch.channels_last)
     targets = (torch.rand(batch, N_OUTPUTS_FRACTURE, generator=generator) > 0.5).float()
     weights = torch.ones_like(targets)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -217,7 +218,8 @@ def measure_training(model, in_chans: int, size: int, batch: int, steps: int, se
 def measure_inference(model, in_chans: int, size: int, batch: int, batches: int, seed: int) -> tuple[float, float]:
     """Return (slices/s, cores used) of inference forwards after one untimed forward."""
     generator = torch.Generator().manual_seed(seed)
-    images = torch.rand(batch, in_chans, size, size, generator=generator)
+    # channels_last, the layout csfd.models.to_device gives every stage.
+    images = torch.rand(batch, in_chans, size, size, generator=generator).contiguous(memory_format=torch.channels_last)
     model.eval()
     model(images)
     with CpuMeter() as meter:
@@ -260,6 +262,7 @@ def bare_forward_seconds(fold_models, volume: np.ndarray, batch: int) -> float:
         for model, section in ((models.vertebra, models.config.vertebra), (models.fracture, models.config.fracture)):
             batches = [torch.from_numpy(batch_model_input(volume, np.arange(first, min(first + batch, len(volume))),
                                                           section.context_slices, section.image_size))
+                       .contiguous(memory_format=torch.channels_last)
                        for first in range(0, len(volume), batch)]
             model(batches[0])  # untimed: first-call set-up of the CPU kernels
             start = time.perf_counter()
@@ -282,7 +285,8 @@ def batched_input_seconds(fold_models, volume: np.ndarray, batch: int) -> float:
         for model, section in ((models.vertebra, models.config.vertebra), (models.fracture, models.config.fracture)):
             for first in range(0, len(volume), batch):
                 positions = np.arange(first, min(first + batch, len(volume)))
-                images = torch.from_numpy(batch_model_input(volume, positions, section.context_slices, section.image_size))
+                nhwc = batch_model_input(volume, positions, section.context_slices, section.image_size, channels_last=True)
+                images = torch.from_numpy(nhwc).permute(0, 3, 1, 2)
                 torch.sigmoid(model(images).float()).numpy()
     return time.perf_counter() - start
 
@@ -312,7 +316,7 @@ def measure_study_inference(run_root: Path, cache_size: int, batch: int, n_slice
 
 def run_setup(setup: Setup, work: Path, args: argparse.Namespace) -> dict:
     from csfd.config import load_config
-    from csfd.models import create_slice_model
+    from csfd.models import create_slice_model, to_device
 
     config = load_config(setup.config, list(setup.overrides))
     config = dataclasses.replace(config, paths=dataclasses.replace(config.paths, runs_dir=str(work / "runs")))
@@ -329,7 +333,7 @@ def run_setup(setup: Setup, work: Path, args: argparse.Namespace) -> dict:
     result.update({f"loader_{key}": value for key, value in loader.items()})
 
     torch.manual_seed(config.seed)
-    model = create_slice_model(fracture.backbone, in_chans, N_OUTPUTS_FRACTURE)
+    model = to_device(create_slice_model(fracture.backbone, in_chans, N_OUTPUTS_FRACTURE), torch.device("cpu"))
     result["train_batch"] = setup.train_batch
     result["train_rate"], result["train_cores"] = measure_training(
         model, in_chans, fracture.image_size, setup.train_batch, args.train_steps, config.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 
 from csfd.data import batch_model_input, stack_indices, to_model_input
@@ -38,6 +39,19 @@ def test_batch_matches_per_item(volume, image_size, context):
     assert batch.shape == (4, 2 * context + 1, image_size, image_size)
     assert batch.dtype == np.float32
     assert np.array_equal(batch, expected)
+
+    nhwc = batch_model_input(volume, positions, context, image_size, channels_last=True)
+    assert nhwc.flags.c_contiguous
+    assert np.array_equal(nhwc, expected.transpose(0, 2, 3, 1))
+
+
+def test_inference_batch_is_channels_last(volume):
+    from csfd.inference import _stacks
+
+    images = _stacks(volume, np.array([0, 4, 8]), 1, 24)
+    assert images.shape == (3, 3, 24, 24)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(images, torch.from_numpy(batch_model_input(volume, np.array([0, 4, 8]), 1, 24)))
 
 
 def test_batch_from_memory_map(volume, tmp_path):

@@ -55,11 +55,15 @@ def to_model_input(stack: np.ndarray, image_size: int) -> np.ndarray:
     return _scale_to_unit(stack)
 
 
-def batch_model_input(volume: np.ndarray, positions: np.ndarray, context: int, image_size: int) -> np.ndarray:
+def batch_model_input(
+    volume: np.ndarray, positions: np.ndarray, context: int, image_size: int, channels_last: bool = False
+) -> np.ndarray:
     """Return the (B, C, S, S) float32 inputs of the 2.5D stacks centred on `positions`.
 
     Equal to stacking `to_model_input` of each stack, but the slices are gathered with one
     indexing operation, resized as uint8 and converted to float32 once for the whole batch.
+    With `channels_last` the array is (B, S, S, C): the same values, transposed in the float32
+    conversion, so that torch can view it as NCHW in channels_last memory without a copy.
     """
     positions = np.asarray(positions, dtype=np.int64)
     offsets = np.arange(-context, context + 1)
@@ -70,7 +74,7 @@ def batch_model_input(volume: np.ndarray, positions: np.ndarray, context: int, i
         for item, stack in enumerate(stacks):
             resized[item] = _resize_stack(stack, image_size)
         stacks = resized
-    return _scale_to_unit(stacks)
+    return _scale_to_unit(stacks.transpose(0, 2, 3, 1) if channels_last else stacks)
 
 
 class SliceStackDataset(Dataset):

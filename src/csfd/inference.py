@@ -65,8 +65,10 @@ def load_fold_models(run_root: Path, folds: tuple[int, ...] = (), device: torch.
 
 def _stacks(volume: np.ndarray, positions: np.ndarray, context: int, image_size: int) -> torch.Tensor:
     # One gather, one uint8 resize pass and one float conversion per batch; the same values as
-    # stacking to_model_input slice by slice, which the tests check.
-    return torch.from_numpy(batch_model_input(volume, np.asarray(positions), context, image_size))
+    # stacking to_model_input slice by slice, which the tests check. Built as (B, S, S, C) and
+    # viewed as NCHW: channels_last memory, the models' layout, with no copy.
+    nhwc = batch_model_input(volume, np.asarray(positions), context, image_size, channels_last=True)
+    return torch.from_numpy(nhwc).permute(0, 3, 1, 2)
 
 
 def strided_positions(n_slices: int, stride: int) -> np.ndarray:
