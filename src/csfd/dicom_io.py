@@ -7,8 +7,8 @@ stored-value step makes the readers agree: pydicom 3.0 sign-extends native data 
 dicomsdl 0.109 returns the raw word. MONOCHROME1 only changes how an image is displayed, so HU
 are never inverted for it.
 
-With a window, 16-bit slices go through per-header lookup tables (csfd.hounsfield.window_tables)
-that give the same uint8 as the steps in turn; the plausibility check reads the tables' HU.
+With a window, 16-bit slices go through per-header lookup tables (csfd.hounsfield.window_tables).
+The tables give the same uint8 as the steps in turn, and the plausibility check reads their HU.
 
 JPEG 2000 sign conflicts: PixelRepresentation decides the sign, as pydicom 3.0 does by
 default (its apply_j2k_sign_correction option). The codestream's sign (from its SIZ marker) is
@@ -156,8 +156,9 @@ def _window_from_frame(frame: RawFrame, path: Path, window: Window) -> tuple[np.
     raw = np.asarray(frame.pixels)
     words = as_16bit_words(raw, frame.bits_stored)
     if words is not None and raw.shape == (frame.rows, frame.columns):
-        check_rescale(frame.encoding, path)
-        tables = window_tables(frame.encoding, float(window.center), float(window.width))
+        encoding = frame.encoding
+        check_rescale(encoding, path)
+        tables = window_tables(encoding, float(window.center), float(window.width))
         if check_ct_plausibility(np.take(tables.hu, words[::PLAUSIBILITY_ROW_STEP]), row_step=1) is None:
             return np.take(tables.uint8, words), list(frame.warnings)
     # Other word sizes, and implausible slices (for their retry and their error message).
