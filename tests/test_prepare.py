@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +18,8 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+import csfd
+import csfd.prepare
 from csfd.cache import StudyCache
 from csfd.config import ExperimentConfig
 from csfd.constants import DEFECTIVE_STUDIES, VERTEBRAE
@@ -462,6 +467,32 @@ def test_prepare_two_workers_match_one(tmp_path, data_dir):
         first = pd.read_csv(Path(single.paths.cache_dir) / "train" / name)
         second = pd.read_csv(Path(parallel.paths.cache_dir) / "train" / name)
         pd.testing.assert_frame_equal(first, second)
+
+
+def test_prepare_in_process_uses_worker_count_threads(tmp_path, data_dir, monkeypatch):
+    # prepare.workers bounds the cores in the parent process too: one worker, one OpenCV thread.
+    seen = []
+    real_prepare_study = csfd.prepare.prepare_study
+
+    def recording_prepare_study(task):
+        seen.append(cv2.getNumThreads())
+        return real_prepare_study(task)
+
+    monkeypatch.setattr(csfd.prepare, "prepare_study", recording_prepare_study)
+    before = cv2.getNumThreads()
+    config = make_config(tmp_path, data_dir, workers=1)
+    prepare_split(data_dir, config.paths.cache_dir, "train", config)
+    assert seen and set(seen) == {1}
+    assert cv2.getNumThreads() == before
+
+
+def test_prepare_worker_imports_no_pandas():
+    # Each spawned worker imports csfd.prepare_worker before its first study; pandas would add
+    # about 0.2 s to that for every worker of every run.
+    code = "import sys, csfd.prepare_worker; print(sorted({'pandas', 'torch'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(csfd.__file__).parents[1])})
+    assert result.stdout.strip() == "[]"
 
 
 def test_prepare_custom_exclusion(tmp_path, data_dir):

@@ -7,9 +7,10 @@ import re
 import numpy as np
 import pytest
 
-from csfd import dicom_io
+from csfd import dicom_io, hounsfield
+from csfd.dicom_readers import PixelEncoding, read_dicomsdl
 from csfd.dicom_io import DicomReadError, Window, read_slice
-from csfd.hounsfield import window_to_uint8
+from csfd.hounsfield import check_ct_plausibility, check_word_plausibility, window_tables, window_to_uint8
 from dicom_factory import write_ct
 from test_dicom_io import LOSSLESS_SYNTAXES, LOSSY_MAE_LIMITS, READABLE_EDGE_CASES, READERS, _syntax_file
 
@@ -108,3 +109,65 @@ def test_windowed_slice_has_no_hu(real_ct_dir):
     windowed = read_slice(real_ct_dir / "cspine-slice" / "IM-0001-0001-0001.dcm", window=WINDOWS[0])
     with pytest.raises(ValueError, match="read through a window"):
         windowed.hu
+
+
+def _wrapping_words(rng, shape, share, far_words):
+    """Words of 12-bit CT with `share` of them swapped for words from the range `far_words`."""
+    words = rng.integers(0, 4096, size=shape, dtype=np.uint16)
+    far = rng.random(shape) < share
+    words[far] = rng.integers(*far_words, size=int(far.sum()), dtype=np.uint16)
+    return words
+
+
+@pytest.mark.parametrize(
+    ("encoding", "can_fail"),
+    [
+        # Masked to 12 bits, every word lies within 4,096 HU of every other: nothing can fail.
+        (PixelEncoding(12, 0, 1.0, -1024.0), False),
+        (PixelEncoding(16, 1, 1.0, 0.0, pixel_padding_value=-2000), True),
+        (PixelEncoding(16, 0, 2.0, -1024.0), True),
+        (PixelEncoding(16, 0, 1.0, -1024.0), True),
+    ],
+    ids=["12-bit", "signed-padding", "slope-2", "16-bit-unsigned"],
+)
+def test_word_plausibility_matches_full_check(encoding, can_fail):
+    # Slices that pass, that wrap on a few pairs, on many pairs, and that are mostly bright:
+    # the range shortcut must return what the full check returns.
+    tables = window_tables(encoding, 400.0, 1800.0)
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 4096, size=(64, 64), dtype=np.uint16)]
+    # 60000 and up is just below zero when signed; 32768 and up is the most negative when signed.
+    for far_words in ((60000, 65536), (32768, 40000)):
+        cases += [_wrapping_words(rng, (64, 64), share, far_words) for share in (0.0005, 0.005, 0.2)]
+    cases += [rng.integers(9000, 12000, size=(64, 64), dtype=np.uint16)]
+    answers = []
+    for words in cases:
+        expected = check_ct_plausibility(np.take(tables.hu, words))
+        assert check_word_plausibility(tables, words) == expected
+        answers.append(expected is None)
+    assert True in answers
+    assert (False in answers) == can_fail
+
+
+def _forbid_full_check(monkeypatch):
+    def full_check(*args, **kwargs):
+        raise AssertionError("the full plausibility check ran on a slice whose word range rules out failure")
+
+    monkeypatch.setattr(hounsfield, "check_ct_plausibility", full_check)
+
+
+def test_word_plausibility_skips_full_check_for_12bit_ct(real_ct_dir, monkeypatch):
+    frame = read_dicomsdl(real_ct_dir / "cspine-slice" / "IM-0001-0001-0001.dcm")
+    tables = window_tables(frame.encoding, 400.0, 1800.0)
+    _forbid_full_check(monkeypatch)
+    assert check_word_plausibility(tables, frame.pixels.view(np.uint16)) is None
+
+
+def test_word_plausibility_skips_full_check_for_signed_air(monkeypatch):
+    # Signed CT with air at -1024 and padding at -2000: as uint16 these words sit near 65535,
+    # far from bone near 0, but as int16 they are within 5,100 HU of it.
+    tables = window_tables(PixelEncoding(16, 1, 1.0, 0.0, pixel_padding_value=-2000), 400.0, 1800.0)
+    values = np.random.default_rng(0).integers(-1024, 3072, size=(64, 64)).astype(np.int16)
+    values[:4] = -2000
+    _forbid_full_check(monkeypatch)
+    assert check_word_plausibility(tables, values.view(np.uint16)) is None

@@ -41,10 +41,10 @@ from csfd.dicom_readers import (
     read_transfer_syntax,
 )
 from csfd.hounsfield import (
-    PLAUSIBILITY_ROW_STEP,
     as_16bit_words,
     check_ct_plausibility,
     check_rescale,
+    check_word_plausibility,
     stored_to_hu,
     to_stored_values,
     window_tables,
@@ -159,7 +159,7 @@ def _window_from_frame(frame: RawFrame, path: Path, window: Window) -> tuple[np.
         encoding = frame.encoding
         check_rescale(encoding, path)
         tables = window_tables(encoding, float(window.center), float(window.width))
-        if check_ct_plausibility(np.take(tables.hu, words[::PLAUSIBILITY_ROW_STEP]), row_step=1) is None:
+        if check_word_plausibility(tables, words) is None:
             return np.take(tables.uint8, words), list(frame.warnings)
     # Other word sizes, and implausible slices (for their retry and their error message).
     hu, slice_warnings = _hu_from_frame(frame, path)

@@ -6,9 +6,12 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # prepare workers import this module, and pandas takes 0.2 s to import
+    import pandas as pd
 
 
 @contextmanager

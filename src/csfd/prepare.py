@@ -7,14 +7,12 @@ and the resume rule are described in csfd.cache and docs/DATA_FORMATS.md.
 
 from __future__ import annotations
 
-import json
 import logging
 import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -26,9 +24,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from csfd import cache
 from csfd.cache import StudyCache
 from csfd.config import ExperimentConfig, PrepareConfig
-from csfd.dicom_io import DicomReadError
-from csfd.io_utils import atomic_save_npy, atomic_write_csv, atomic_write_text
+from csfd.io_utils import atomic_write_csv
 from csfd.hounsfield import window_to_uint8
+from csfd.prepare_worker import StudyTask, init_worker, prepare_study, report_row
 from csfd.volume import PreparedStudy, load_study, resize_keep_aspect
 
 # Other stages import the reader and the in-memory loader from here, the stage's entry point.
@@ -57,109 +55,24 @@ COMPETITION_LAYOUT = (
 )
 
 
-@dataclass(frozen=True)
-class StudyTask:
-    """Arguments of prepare_study for one study; small, so it pickles cheaply to a worker process."""
-
-    study_uid: str
-    study_dir: str
-    split: str
-    studies_dir: str
-    segmentation_path: str | None
-    prepare: PrepareConfig
-
-
-def _report_row(
-    study_uid: str,
-    split: str,
-    status: str,
-    record: dict | None = None,
-    error: str = "",
-    seconds: float = 0.0,
-) -> dict:
-    record = record or {}
-    return {
-        "StudyInstanceUID": study_uid,
-        "split": split,
-        "status": status,
-        "n_slices": record.get("n_slices"),
-        "rows": record.get("rows"),
-        "cols": record.get("cols"),
-        "transfer_syntaxes": ";".join(record.get("transfer_syntaxes", [])),
-        "reader": ";".join(record.get("readers", [])),
-        "reversed": record.get("reversed"),
-        "irregular": record.get("irregular"),
-        "warnings": " | ".join(record.get("warnings", [])),
-        "error": error,
-        "seconds": round(seconds, 3),
-    }
-
-
-def _study_record(study: PreparedStudy, task: StudyTask) -> dict:
-    """Build the per-study JSON record; slices.csv and vertebra_labels.csv are rebuilt from these."""
-    visibility = study.vertebra_visibility
-    return {
-        "StudyInstanceUID": study.study_uid,
-        "split": task.split,
-        "status": "done",
-        "shape": list(study.volume.shape),
-        "dtype": "uint8",
-        "image_size": task.prepare.image_size,
-        "window_center": task.prepare.window_center,
-        "window_width": task.prepare.window_width,
-        "n_slices": study.n_slices,
-        "rows": study.original_shape[0],
-        "cols": study.original_shape[1],
-        "pixel_spacing": list(study.pixel_spacing),
-        "slice_spacing": study.slice_spacing,
-        "reversed": study.reversed,
-        "irregular": study.irregular,
-        "readers": study.readers,
-        "transfer_syntaxes": study.transfer_syntaxes,
-        "warnings": study.warnings,
-        "segmentation": Path(task.segmentation_path).name if task.segmentation_path else None,
-        "segmentation_error": study.segmentation_error,
-        "vertebra_visibility": None if visibility is None else visibility.tolist(),
-        "slice_numbers": study.slice_numbers.tolist(),
-        "z": study.z.tolist(),
-    }
-
-
-def prepare_study(task: StudyTask) -> dict:
-    """Decode one study, write its .npy and then its JSON; return its report row (never the volume)."""
-    start = time.perf_counter()
+def _run_in_process(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
+    # prepare.workers bounds the cores, here too: OpenCV would otherwise resize on every core.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(workers)
     try:
-        study = load_study(task.study_dir, task.prepare, task.segmentation_path)
-    except (DicomReadError, ValueError) as error:
-        return _report_row(task.study_uid, task.split, "failed", error=f"{type(error).__name__}: {error}",
-                          seconds=time.perf_counter() - start)
-
-    record = _study_record(study, task)
-    if study.irregular and task.prepare.irregular_series == "drop":
-        return _report_row(task.study_uid, task.split, "dropped", record, seconds=time.perf_counter() - start)
-
-    studies = Path(task.studies_dir)
-    atomic_save_npy(cache.volume_path(studies, task.study_uid), study.volume)
-    record["seconds"] = round(time.perf_counter() - start, 3)
-    # The JSON goes last: its presence marks the study as done.
-    atomic_write_text(cache.record_path(studies, task.study_uid), json.dumps(record, separators=(",", ":")))
-    return _report_row(task.study_uid, task.split, "done", record, error=study.segmentation_error,
-                      seconds=time.perf_counter() - start)
-
-
-def _init_worker() -> None:
-    # Each worker prepares one study at a time; OpenCV threads would oversubscribe the cores.
-    cv2.setNumThreads(1)
+        for task in tasks:
+            yield prepare_study(task)
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _run_tasks(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
     if workers == 1 or len(tasks) <= 1:
-        for task in tasks:
-            yield prepare_study(task)
+        yield from _run_in_process(tasks, workers)
         return
     # spawn: the parent has threads (tqdm, decoders) that fork would copy in an unknown state.
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=_init_worker)
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=init_worker)
     try:
         futures = [pool.submit(prepare_study, task) for task in tasks]
         for future in as_completed(futures):
@@ -252,16 +165,16 @@ def prepare_split(
     for uid in selected:
         if uid in prepare.exclude_studies:
             logger.info("excluding study %s: it is in prepare.exclude_studies", uid)
-            rows.append(_report_row(uid, split, "excluded"))
+            rows.append(report_row(uid, split, "excluded"))
             continue
         if uid not in available:
-            rows.append(_report_row(uid, split, "failed", error=f"study folder not found: {images_dir / uid}"))
+            rows.append(report_row(uid, split, "failed", error=f"study folder not found: {images_dir / uid}"))
             continue
         segmentation = segmentations.get(uid)
         segmentation_name = None if segmentation is None else segmentation.name
         record = cache.read_record(studies, uid)
         if record is not None and cache.record_matches(record, studies, prepare, segmentation_name):
-            rows.append(_report_row(uid, split, _cached_status(record, prepare), record))
+            rows.append(report_row(uid, split, _cached_status(record, prepare), record))
             continue
         segmentation_path = None if segmentation is None else str(segmentation)
         tasks.append(StudyTask(uid, str(available[uid]), split, str(studies), segmentation_path, prepare))
@@ -293,7 +206,7 @@ def prepare_split(
             continue
         record = cache.read_record(studies, uid)
         if record is not None and cache.record_matches(record, studies, prepare):
-            rows.append(_report_row(uid, split, _cached_status(record, prepare), record))
+            rows.append(report_row(uid, split, _cached_status(record, prepare), record))
 
     report = pd.DataFrame(rows, columns=list(REPORT_COLUMNS)).sort_values("StudyInstanceUID", ignore_index=True)
     report = report.astype({"n_slices": "Int64", "rows": "Int64", "cols": "Int64"})
