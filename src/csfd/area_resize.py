@@ -26,7 +26,7 @@ def is_three_quarters(shape: tuple[int, int], new_shape: tuple[int, int]) -> boo
 
 
 def _sum_groups_of_four(groups: np.ndarray, out: np.ndarray) -> None:
-    """Sum each group of 4 rows of `groups` (k, 4, n) into 3 weighted rows of uint16 `out` (k, 3, n), 4 x the mean."""
+    """Weight each group of 4 rows of `groups` (k, 4, n) into 3 rows of `out` (k, 3, n) at 4 x the mean."""
     row0, row1, row2, row3 = groups[:, 0], groups[:, 1], groups[:, 2], groups[:, 3]
     first, middle, last = out[:, 0], out[:, 1], out[:, 2]
     np.multiply(row0, 3, out=first, dtype=np.uint16)
