@@ -327,6 +327,42 @@ def test_corrupt_jpeg_rejected_by_both_readers(real_ct_dir):
     assert "pydicom:" in message
 
 
+@pytest.mark.parametrize("kept", [0.5, 0.1])
+def test_truncated_file_named_with_both_errors(real_ct_dir, tmp_path, kept):
+    source = (real_ct_dir / "cspine-slice" / "IM-0001-0001-0001.dcm").read_bytes()
+    path = tmp_path / "20.dcm"
+    path.write_bytes(source[: int(len(source) * kept)])
+    with pytest.raises(DicomReadError) as caught:
+        read_slice(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "dicomsdl:" in message
+    assert "pydicom:" in message
+    assert "truncated or not a DICOM image" in message
+    assert "required pixel tag" not in message
+
+
+def test_text_file_named_dcm_is_not_dicom(tmp_path):
+    path = tmp_path / "999.dcm"
+    path.write_text("this is not a DICOM file\n")
+    with pytest.raises(DicomReadError) as caught:
+        read_slice(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "truncated or not a DICOM image" in message
+    assert "DICM" in message  # pydicom's reason: no DICOM prefix
+
+
+def test_non_image_dicom_still_rejected_by_header(tmp_path):
+    path = tmp_path / "report.dcm"
+    dataset = pydicom.Dataset()
+    dataset.SOPInstanceUID = pydicom.uid.generate_uid()
+    dataset.Modality = "SR"
+    dataset.save_as(path, implicit_vr=False, little_endian=True)
+    with pytest.raises(DicomReadError, match="required pixel tag rows is missing"):
+        read_slice(path, readers=("dicomsdl",))
+
+
 def test_vr_un_file_falls_back_to_pydicom(real_ct_dir):
     dicom_slice = read_slice(real_ct_dir / "edge-cases" / "pydicom-data" / "explicit_VR-UN.dcm")
     assert dicom_slice.reader == "pydicom"

@@ -248,6 +248,14 @@ def read_pydicom(path: Path) -> RawFrame:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         dataset = _read_pydicom_dataset(path, messages)
+        if "Rows" not in dataset and "PixelData" not in dataset:
+            # pydicom returns what it parsed before an error, often nothing for a truncated file,
+            # so this is a failed read (the other reader's error is kept), not a rejected header.
+            details = messages + [str(warning.message) for warning in caught]
+            raise ValueError(
+                "no image found (neither Rows nor PixelData): the file is truncated or not a DICOM image"
+                + (f" ({'; '.join(details)})" if details else "")
+            )
         file_meta = dataset.file_meta
         transfer_syntax = file_meta.get("TransferSyntaxUID")
         if transfer_syntax is None:
