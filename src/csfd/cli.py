@@ -38,7 +38,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     config = _config(args, [f"paths.data_dir={args.data}"] if args.data else None)
     reports = run_prepare(config, splits=tuple(args.splits.split(",")))
     failed = sum(int((r["status"] == "failed").sum()) for r in reports.values())
-    return 0 if failed == 0 or not args.strict else 1
+    usable = sum(int(r["status"].isin(["done", "skipped"]).sum()) for r in reports.values())
+    total = sum(len(r) for r in reports.values())
+    if failed == 0:
+        return 0
+    if usable == 0:
+        logger.error("prepare: %d of %d studies failed and none is cached. The reasons are in report.csv", failed, total)
+        return 1
+    if args.strict:
+        logger.error("prepare: %d of %d studies failed and --strict is set. The reasons are in report.csv", failed, total)
+        return 1
+    logger.warning(
+        "prepare: %d of %d studies failed (the reasons are in report.csv). A rerun retries them, "
+        "and --strict makes this exit with status 1",
+        failed,
+        total,
+    )
+    return 0
 
 
 def cmd_folds(args: argparse.Namespace) -> int:

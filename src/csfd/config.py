@@ -347,10 +347,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def _validate(config: ExperimentConfig) -> None:
-    if config.prepare.irregular_series not in ("keep", "drop"):
-        raise ConfigError(
-            f"prepare.irregular_series: expected 'keep' or 'drop', got {config.prepare.irregular_series!r}"
-        )
+    _validate_prepare(config.prepare)
     if config.folds.n_folds < 2:
         raise ConfigError(f"folds.n_folds: expected at least 2, got {config.folds.n_folds}")
     if config.predict.method not in ("auto", "stacker", "aggregate"):
@@ -373,6 +370,17 @@ def _validate(config: ExperimentConfig) -> None:
             raise ConfigError(f"{section}.negative_keep: expected a value in (0, 1], got {model.negative_keep}")
     _validate_ssl(config.ssl)
     _validate_predict(config.predict)
+
+
+def _validate_prepare(prepare: PrepareConfig) -> None:
+    if prepare.irregular_series not in ("keep", "drop"):
+        raise ConfigError(f"prepare.irregular_series: expected 'keep' or 'drop', got {prepare.irregular_series!r}")
+    if prepare.image_size < 1:
+        raise ConfigError(f"prepare.image_size: expected a size of 1 px or more, got {prepare.image_size}")
+    if prepare.window_width <= 0:
+        raise ConfigError(f"prepare.window_width: expected a positive width in HU, got {prepare.window_width}")
+    if prepare.workers < 0:
+        raise ConfigError(f"prepare.workers: expected 0 (all cores) or more, got {prepare.workers}")
 
 
 def _validate_predict(predict: PredictConfig) -> None:
