@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -447,6 +449,31 @@ def test_prepare_subset_keeps_cached_studies(tmp_path, data_dir):
     assert sorted(slices["StudyInstanceUID"].unique()) == [NORMAL, REVERSED]
 
 
+def test_prepare_warns_of_studies_from_elsewhere(tmp_path, data_dir, caplog):
+    config = make_config(tmp_path, data_dir)
+    prepare_split(data_dir, config.paths.cache_dir, "train", config, study_uids=[NORMAL, REVERSED])
+    other = tmp_path / "other-data"
+    shutil.copytree(data_dir / "train_images" / NORMAL, other / "train_images" / NORMAL)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="csfd.prepare"):
+        report = prepare_split(other, config.paths.cache_dir, "train", config)
+    assert statuses(report) == {NORMAL: "skipped", REVERSED: "skipped"}
+    assert f"1 cached studies in {Path(config.paths.cache_dir) / 'train' / 'studies'} are not in {other / 'train_images'}" in caplog.text
+    assert REVERSED in caplog.text
+
+
+def test_prepare_names_missing_data_folder(tmp_path, data_dir):
+    config = make_config(tmp_path, data_dir)
+    missing = tmp_path / "no-such-folder"
+    with pytest.raises(FileNotFoundError, match=f"data folder {missing} does not exist") as caught:
+        prepare_split(missing, config.paths.cache_dir, "train", config)
+    assert "--data" in str(caught.value)
+    empty = tmp_path / "empty-data"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{empty / 'train_images'} not found"):
+        prepare_split(empty, config.paths.cache_dir, "train", config)
+
+
 def test_prepare_unknown_study_fails(tmp_path, data_dir):
     config = make_config(tmp_path, data_dir)
     missing = "1.2.826.0.1.3680043.9999"
@@ -493,6 +520,18 @@ def test_prepare_worker_imports_no_pandas():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONPATH": str(Path(csfd.__file__).parents[1])})
     assert result.stdout.strip() == "[]"
+
+
+def test_prepare_worker_logs_with_format():
+    code = (
+        "import logging; from csfd.prepare_worker import init_worker; init_worker(logging.INFO); "
+        "logging.getLogger('csfd.series').warning('uneven slice spacing'); "
+        "logging.getLogger('csfd.series').debug('hidden')"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(csfd.__file__).parents[1])})
+    assert "WARNING csfd.series: uneven slice spacing" in result.stderr
+    assert "hidden" not in result.stderr
 
 
 def test_prepare_custom_exclusion(tmp_path, data_dir):

@@ -72,7 +72,12 @@ def _run_tasks(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
         return
     # spawn: the parent has threads (tqdm, decoders) that fork would copy in an unknown state.
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context, initializer=init_worker)
+    pool = ProcessPoolExecutor(
+        min(workers, len(tasks)),
+        mp_context=context,
+        initializer=init_worker,
+        initargs=(logging.getLogger().getEffectiveLevel(),),
+    )
     try:
         futures = [pool.submit(prepare_study, task) for task in tasks]
         for future in as_completed(futures):
@@ -148,10 +153,11 @@ def prepare_split(
     data_dir = Path(data_dir)
     images_dir = data_dir / f"{split}_images"
     if not images_dir.is_dir():
+        missing = f"data folder {data_dir} does not exist" if not data_dir.is_dir() else f"{images_dir} not found"
         raise FileNotFoundError(
-            f"{images_dir} not found. The prepare stage expects the Kaggle competition layout in "
+            f"{missing}. The prepare stage expects the Kaggle competition layout in "
             f"{data_dir}: {COMPETITION_LAYOUT}. Download and unzip the competition data there, "
-            "or set paths.data_dir."
+            "or point to it with --data (DATA= with make) or paths.data_dir."
         )
     studies = cache.studies_dir(cache_dir, split)
     studies.mkdir(parents=True, exist_ok=True)
@@ -200,6 +206,7 @@ def prepare_split(
 
     # Cached studies outside this selection still belong to the split's tables.
     listed = {row["StudyInstanceUID"] for row in rows}
+    foreign = []
     for path in sorted(studies.glob("*.json")):
         uid = path.stem
         if uid in listed:
@@ -207,6 +214,14 @@ def prepare_split(
         record = cache.read_record(studies, uid)
         if record is not None and cache.record_matches(record, studies, prepare):
             rows.append(report_row(uid, split, _cached_status(record, prepare), record))
+            if uid not in available:
+                foreign.append(uid)
+    if foreign:
+        logger.warning(
+            "%d cached studies in %s are not in %s (e.g. %s). They stay in this split's tables. "
+            "Give each data folder its own paths.cache_dir to keep them apart",
+            len(foreign), studies, images_dir, foreign[0],
+        )
 
     report = pd.DataFrame(rows, columns=list(REPORT_COLUMNS)).sort_values("StudyInstanceUID", ignore_index=True)
     report = report.astype({"n_slices": "Int64", "rows": "Int64", "cols": "Int64"})

@@ -7,6 +7,7 @@ worker pays its imports before its first study: pandas alone takes about 0.2 s.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from csfd import cache
 from csfd.config import PrepareConfig
 from csfd.dicom_io import DicomReadError
 from csfd.io_utils import atomic_save_npy, atomic_write_text
+from csfd.logs import setup_logging
 from csfd.volume import PreparedStudy, load_study
 
 
@@ -112,6 +114,8 @@ def prepare_study(task: StudyTask) -> dict:
                       seconds=time.perf_counter() - start)
 
 
-def init_worker() -> None:
-    """Give a worker process one OpenCV thread: each worker is one core."""
+def init_worker(log_level: int = logging.WARNING) -> None:
+    """Give a worker process one OpenCV thread (each worker is one core) and the parent's log format."""
     cv2.setNumThreads(1)
+    # A spawned process starts with no logging set up, and its warnings would print bare.
+    setup_logging(log_level)
