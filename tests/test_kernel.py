@@ -568,6 +568,16 @@ def test_predict_volume_stride_matches_at_predicted_slices(tiny_run):
 
 
 
+def test_load_fold_models_logs_loaded_weights(tiny_run, caplog):
+    caplog.set_level(logging.INFO, logger="csfd")
+    fold_models = load_fold_models(tiny_run.run_dir())
+    assert fold_models
+    assert "random weights" not in caplog.text
+    assert caplog.text.count("loaded from") == 2 * len(fold_models)
+    assert "vertebra.pt" in caplog.text
+    assert "fracture.pt" in caplog.text
+
+
 def test_predict_volume_shared_batches(tiny_run):
     # predict_volume builds each batch once for all models with the same input, so its result
     # must equal each model run on its own per-slice stacks, averaged over folds.

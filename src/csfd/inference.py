@@ -14,7 +14,7 @@ from torch import nn
 from csfd.config import ExperimentConfig, load_config
 from csfd.constants import VERTEBRAE
 from csfd.data import batch_model_input
-from csfd.models import create_slice_model, load_weights, to_device
+from csfd.models import build_timm_model, load_weights, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,9 @@ def load_fold_models(run_root: Path, folds: tuple[int, ...] = (), device: torch.
         for name, model_config in (("vertebra", config.vertebra), ("fracture", config.fracture)):
             weights = folder / f"{name}.pt"
             meta = torch.load(weights, map_location="cpu", weights_only=True)
-            model = create_slice_model(model_config.backbone, meta["in_chans"], meta["num_outputs"], "")
+            model = build_timm_model(model_config.backbone, meta["in_chans"], meta["num_outputs"])
             load_weights(model, weights)
+            logger.info("fold %d: %s model (%s) loaded from %s", fold, name, model_config.backbone, weights)
             built.append(to_device(model, device).eval())
         models.append(FoldModels(fold, config, *built))
     if not models:

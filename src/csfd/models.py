@@ -12,6 +12,14 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+def build_timm_model(backbone: str, in_chans: int, num_outputs: int) -> nn.Module:
+    """Build a timm classifier with random weights, for the caller to load weights into."""
+    try:
+        return timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=num_outputs)
+    except RuntimeError as error:  # timm raises RuntimeError for an unknown model name
+        raise ValueError(f"unknown timm backbone {backbone!r}: {error}") from error
+
+
 def create_slice_model(backbone: str, in_chans: int, num_outputs: int, pretrained_path: str = "") -> nn.Module:
     """Build a timm classifier; load `pretrained_path` if given, else start from random weights.
 
@@ -19,10 +27,7 @@ def create_slice_model(backbone: str, in_chans: int, num_outputs: int, pretraine
     differs from the checkpoint (other class count, other channel count) keep their random
     initialisation and are logged.
     """
-    try:
-        model = timm.create_model(backbone, pretrained=False, in_chans=in_chans, num_classes=num_outputs)
-    except RuntimeError as error:  # timm raises RuntimeError for an unknown model name
-        raise ValueError(f"unknown timm backbone {backbone!r}: {error}") from error
+    model = build_timm_model(backbone, in_chans, num_outputs)
     if not pretrained_path:
         logger.info("Backbone %s starts from random weights (no pretrained_path in the config)", backbone)
         return model
