@@ -13,7 +13,7 @@ ARGS ?=
 DATA_ARG = $(if $(DATA),--data $(DATA))
 CSFD = $(PYTHON) -m csfd
 
-.PHONY: venv sample prepare folds train train-all stack predict score demo test clean-sample
+.PHONY: venv sample prepare folds train train-all stack predict demo test clean-sample
 
 venv: .venv/.installed
 

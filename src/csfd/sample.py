@@ -652,7 +652,7 @@ def _directory_size(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Build the sample dataset from the command line and log its summary."""
     parser = argparse.ArgumentParser(
-        description="Write a synthetic sample dataset in the competition's layout."
+        prog="python -m csfd sample", description="Write a synthetic sample dataset in the competition's layout."
     )
     parser.add_argument(
         "--out", type=Path, default=Path("input/sample"), help="output folder (default input/sample)"
