@@ -97,6 +97,28 @@ def test_missing_rescale_raises(tmp_path):
     assert str(path) in str(caught.value)
 
 
+@pytest.mark.parametrize("reader", READERS)
+def test_nan_rescale_raises(tmp_path, reader):
+    path = write_ct(tmp_path / "1.dcm", np.zeros((2, 2)), slope=float("nan"))
+    with pytest.raises(DicomReadError, match="must be finite numbers") as caught:
+        read_slice(path, readers=(reader,))
+    assert str(path) in str(caught.value)
+
+
+def test_decoder_panic_becomes_read_error(tmp_path, monkeypatch):
+    class Panic(BaseException):
+        """Like pylibjpeg-rle's PanicException, which does not derive from Exception."""
+
+    def panicking_reader(path):
+        raise Panic("index out of bounds")
+
+    monkeypatch.setitem(dicom_readers.READERS, "dicomsdl", panicking_reader)
+    path = write_ct(tmp_path / "1.dcm", np.zeros((2, 2)))
+    assert read_slice(path).reader == "pydicom"
+    with pytest.raises(DicomReadError, match="Panic: index out of bounds"):
+        read_slice(path, readers=("dicomsdl",))
+
+
 def test_unknown_reader_raises(tmp_path):
     path = write_ct(tmp_path / "1.dcm", np.zeros((2, 2)))
     with pytest.raises(ValueError, match="unknown DICOM reader 'gdcm'"):
@@ -353,14 +375,16 @@ def test_text_file_named_dcm_is_not_dicom(tmp_path):
     assert "DICM" in message  # pydicom's reason: no DICOM prefix
 
 
-def test_non_image_dicom_still_rejected_by_header(tmp_path):
+@pytest.mark.parametrize("readers", [("dicomsdl",), ("pydicom",), READERS])
+def test_non_image_dicom_named_as_such(tmp_path, readers):
     path = tmp_path / "report.dcm"
     dataset = pydicom.Dataset()
     dataset.SOPInstanceUID = pydicom.uid.generate_uid()
     dataset.Modality = "SR"
     dataset.save_as(path, implicit_vr=False, little_endian=True)
-    with pytest.raises(DicomReadError, match="required pixel tag rows is missing"):
-        read_slice(path, readers=("dicomsdl",))
+    with pytest.raises(DicomReadError, match="not a DICOM image") as caught:
+        read_slice(path, readers=readers)
+    assert str(path) in str(caught.value)
 
 
 def test_vr_un_file_falls_back_to_pydicom(real_ct_dir):

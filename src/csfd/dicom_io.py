@@ -196,7 +196,9 @@ def read_slice(
             frame = READERS[reader](path)
         except HeaderRejected as error:
             raise DicomReadError(str(error)) from error
-        except Exception as error:  # noqa: BLE001 -- decoders raise many types; each is reported below
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # noqa: BLE001 -- pylibjpeg-rle's PanicException is a BaseException
             errors.append(f"{reader}: {type(error).__name__}: {error}")
             continue
         transfer_syntax = frame.transfer_syntax

@@ -33,6 +33,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from csfd.codestream import check_codestream, check_pixel_data_extent
+
 try:
     import dicomsdl
 except ImportError as error:  # the pydicom backend still works without it
@@ -202,6 +204,8 @@ def _build_header(get: Callable[[str], Any], transfer_syntax: str, path: Path) -
     for keyword in ("rows", "columns", "bits_allocated", "bits_stored", "high_bit", "pixel_representation"):
         if header[keyword] is None:
             raise HeaderRejected(f"{path}: required pixel tag {keyword} is missing")
+    if header["rows"] < 1 or header["columns"] < 1:
+        raise HeaderRejected(f"{path}: Rows {header['rows']} and Columns {header['columns']} describe no image")
     if header["number_of_frames"] > 1:
         raise HeaderRejected(
             f"{path}: multi-frame file ({header['number_of_frames']} frames) is not supported; "
@@ -224,12 +228,27 @@ def read_dicomsdl(path: Path) -> RawFrame:
     """Decode `path` with dicomsdl, letting its errors propagate unchanged."""
     if dicomsdl is None:
         raise RuntimeError(f"dicomsdl is not importable ({_DICOMSDL_IMPORT_ERROR})")
+    if path.stat().st_size == 0:
+        raise ValueError("the file is empty (0 bytes)")  # dicomsdl 0.109 corrupts memory on an empty file
     dataset = dicomsdl.open(str(path))
     transfer_syntax = str(dataset.TransferSyntaxUID or "")
+    element = dataset.getDataElement("PixelData")
+    if element.vr() == dicomsdl.VR.NONE:
+        if dataset.getDataElement("Rows").vr() == dicomsdl.VR.NONE:
+            # Not HeaderRejected: a partial read is no verdict on the file, so pydicom still tries.
+            raise ValueError("no image found (neither Rows nor PixelData): the file is truncated or not a DICOM image")
+        raise ValueError("no PixelData element: the file is truncated before its pixel data or contains no image")
     header = _build_header(lambda keyword: dataset[keyword], transfer_syntax, path)
+    # dicomsdl reads past its buffers when PixelData does not fit the header, so check it first.
+    rows, columns, bits_allocated = header["rows"], header["columns"], header["bits_allocated"]
+    check_pixel_data_extent(path, transfer_syntax, element.offset(), element.length(), rows, columns,
+                            bits_allocated, header["samples_per_pixel"])
+    codestream_warnings = check_codestream(
+        path, transfer_syntax, element.offset(), element.length(), rows, columns, bits_allocated
+    )
     # storedvalue=True skips dicomsdl's own rescale, so that rescale happens once, in dicom_io.
     pixels = dataset.pixelData(index=0, storedvalue=True)
-    return RawFrame(pixels=pixels, warnings=[], **header)
+    return RawFrame(pixels=pixels, warnings=codestream_warnings, **header)
 
 
 def _read_pydicom_dataset(path: Path, messages: list[str]) -> pydicom.Dataset:

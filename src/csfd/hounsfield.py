@@ -16,6 +16,7 @@ table per header (`window_tables`) gives the same uint8 as the steps in turn, in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -76,6 +77,11 @@ def check_rescale(encoding: PixelEncoding, path: Path) -> None:
         )
     if encoding.rescale_slope == 0:
         raise DicomReadError(f"{path}: RescaleSlope is 0, so every pixel would have the same HU")
+    if not (math.isfinite(encoding.rescale_slope) and math.isfinite(encoding.rescale_intercept)):
+        raise DicomReadError(
+            f"{path}: RescaleSlope {encoding.rescale_slope} and RescaleIntercept {encoding.rescale_intercept} "
+            "must be finite numbers to give HU"
+        )
 
 
 def _padding_mask(stored: np.ndarray, encoding: PixelEncoding) -> np.ndarray | None:

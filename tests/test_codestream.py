@@ -1,0 +1,134 @@
+"""PixelData that does not fit its header is rejected before dicomsdl decodes it.
+
+Each damaged file here crashed dicomsdl 0.109 or made it return uninitialised memory before
+these checks existed, so a regression would show as a crash of the test process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from csfd.codestream import (
+    PixelDataMismatch,
+    check_pixel_data_extent,
+    fragment_edges,
+    j2k_frame_header,
+    jpeg_frame_header,
+)
+from csfd.dicom_io import DicomReadError, read_slice
+from csfd.dicom_readers import read_dicomsdl
+from dicom_factory import write_ct
+
+SYNTAXES = "transfer-syntaxes"
+JPEG_LOSSLESS = f"{SYNTAXES}/CTImage.dcm_JPEGProcess14SV1TransferSyntax_1.2.840.10008.1.2.4.70.dcm"
+JPEG_LS = f"{SYNTAXES}/CTImage.dcm_JPEGLSLosslessTransferSyntax_1.2.840.10008.1.2.4.80.dcm"
+J2K = f"{SYNTAXES}/CTImage.dcm_JPEG2000LosslessOnlyTransferSyntax_1.2.840.10008.1.2.4.90.dcm"
+
+
+def codestream_of(path: Path) -> bytes:
+    import dicomsdl
+
+    element = dicomsdl.open(str(path)).getDataElement("PixelData")
+    return fragment_edges(path, element.offset(), element.length())[0]
+
+
+@pytest.mark.parametrize("name", [JPEG_LOSSLESS, JPEG_LS])
+def test_jpeg_frame_header_of_real_file(real_ct_dir, name):
+    assert jpeg_frame_header(codestream_of(real_ct_dir / name)) == (512, 512, 16)
+
+
+def test_j2k_frame_header_of_real_file(real_ct_dir):
+    rows, columns, _ = j2k_frame_header(codestream_of(real_ct_dir / J2K))
+    assert (rows, columns) == (512, 512)
+
+
+def test_frame_header_of_other_bytes():
+    assert jpeg_frame_header(b"") is None
+    assert jpeg_frame_header(b"\xff\xd8\xff") is None
+    assert j2k_frame_header(b"\xff\x4f\xff\x51\x00") is None
+
+
+@pytest.mark.parametrize(("name", "tag", "value"), [
+    (JPEG_LOSSLESS, "Rows", 256),
+    (JPEG_LOSSLESS, "Columns", 1024),
+    (JPEG_LOSSLESS, "BitsAllocated", 8),
+    (J2K, "Columns", 256),
+])
+def test_header_codestream_mismatch_rejected(real_ct_dir, tmp_path, name, tag, value):
+    dataset = pydicom.dcmread(real_ct_dir / name)
+    setattr(dataset, tag, value)
+    if tag == "BitsAllocated":
+        dataset.BitsStored, dataset.HighBit = 8, 7
+    path = tmp_path / "1.dcm"
+    dataset.save_as(path)
+    with pytest.raises(PixelDataMismatch, match="the header does not match the pixel data"):
+        read_dicomsdl(path)
+    with pytest.raises(DicomReadError) as caught:
+        read_slice(path)
+    assert str(path) in str(caught.value)
+    assert "the header does not match the pixel data" in str(caught.value)
+
+
+def test_truncated_native_file_rejected(tmp_path):
+    path = write_ct(tmp_path / "1.dcm", np.zeros((32, 32)))
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(PixelDataMismatch, match="the file is truncated"):
+        check_pixel_data_extent(path, "1.2.840.10008.1.2.1", path.stat().st_size - 2044, 2048, 32, 32, 16)
+
+
+@pytest.mark.parametrize(("rows", "columns", "length"), [(32, 16, 2048), (32, 32, 1024), (32, 32, 2046)])
+def test_native_length_mismatch_rejected(tmp_path, rows, columns, length):
+    path = tmp_path / "1.dcm"
+    path.write_bytes(bytes(4096))
+    with pytest.raises(PixelDataMismatch, match=f"PixelData has {length} bytes"):
+        check_pixel_data_extent(path, "1.2.840.10008.1.2.1", 100, length, rows, columns, 16)
+    check_pixel_data_extent(path, "1.2.840.10008.1.2.1", 100, rows * columns * 2, rows, columns, 16)
+
+
+def test_short_native_pixel_data_names_file(tmp_path):
+    dataset = pydicom.dcmread(write_ct(tmp_path / "full.dcm", np.zeros((32, 32))))
+    dataset.PixelData = dataset.PixelData[:1024]
+    path = tmp_path / "1.dcm"
+    dataset.save_as(path)
+    with pytest.raises(DicomReadError) as caught:
+        read_slice(path)
+    assert str(path) in str(caught.value)
+    assert "PixelData has 1024 bytes" in str(caught.value)
+
+
+def test_empty_file_named(tmp_path):
+    path = tmp_path / "1.dcm"
+    path.write_bytes(b"")
+    with pytest.raises(DicomReadError, match="the file is empty") as caught:
+        read_slice(path)
+    assert str(path) in str(caught.value)
+
+
+def cut_codestream(source: Path, path: Path) -> Path:
+    """Write `source` with its codestream cut in half inside consistent DICOM items."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    dataset = pydicom.dcmread(source)
+    frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    dataset.PixelData = encapsulate([frame[: len(frame) // 2]])
+    dataset.save_as(path)
+    return path
+
+
+def test_cut_jpeg_codestream_warns(real_ct_dir, tmp_path):
+    # libjpeg fills the missing rows and raises nothing, so only the missing end marker shows the cut.
+    assert read_slice(real_ct_dir / JPEG_LOSSLESS).warnings == []
+    path = cut_codestream(real_ct_dir / JPEG_LOSSLESS, tmp_path / "1.dcm")
+    warnings = read_slice(path, readers=("dicomsdl",)).warnings
+    assert any("no end marker (FFD9)" in warning for warning in warnings)
+
+
+def test_cut_j2k_codestream_raises(real_ct_dir, tmp_path):
+    path = cut_codestream(real_ct_dir / J2K, tmp_path / "1.dcm")
+    with pytest.raises(DicomReadError) as caught:
+        read_slice(path, readers=("dicomsdl",))
+    assert str(path) in str(caught.value)
