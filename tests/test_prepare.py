@@ -22,6 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 import csfd
 import csfd.prepare
+import csfd.prepare_runner
 from csfd.cache import StudyCache
 from csfd.config import ExperimentConfig
 from csfd.constants import DEFECTIVE_STUDIES, VERTEBRAE
@@ -505,7 +506,7 @@ def test_prepare_in_process_uses_worker_count_threads(tmp_path, data_dir, monkey
         seen.append(cv2.getNumThreads())
         return real_prepare_study(task)
 
-    monkeypatch.setattr(csfd.prepare, "prepare_study", recording_prepare_study)
+    monkeypatch.setattr(csfd.prepare_runner, "prepare_study", recording_prepare_study)
     before = cv2.getNumThreads()
     config = make_config(tmp_path, data_dir, workers=1)
     prepare_split(data_dir, config.paths.cache_dir, "train", config)

@@ -8,15 +8,11 @@ and the resume rule are described in csfd.cache and docs/DATA_FORMATS.md.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
-import cv2
 import pandas as pd
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -26,7 +22,8 @@ from csfd.cache import StudyCache
 from csfd.config import ExperimentConfig, PrepareConfig
 from csfd.io_utils import atomic_write_csv
 from csfd.hounsfield import window_to_uint8
-from csfd.prepare_worker import StudyTask, init_worker, prepare_study, report_row
+from csfd.prepare_runner import run_tasks
+from csfd.prepare_worker import StudyTask, prepare_study, report_row
 from csfd.volume import PreparedStudy, load_study, resize_keep_aspect
 
 # Other stages import the reader and the in-memory loader from here, the stage's entry point.
@@ -53,43 +50,6 @@ COMPETITION_LAYOUT = (
     "train.csv, train_images/<StudyInstanceUID>/<slice_number>.dcm, "
     "segmentations/<StudyInstanceUID>.nii, test.csv, test_images/<StudyInstanceUID>/<slice_number>.dcm"
 )
-
-
-def _run_in_process(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
-    # prepare.workers bounds the cores, here too: OpenCV would otherwise resize on every core.
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(workers)
-    try:
-        for task in tasks:
-            yield prepare_study(task)
-    finally:
-        cv2.setNumThreads(threads)
-
-
-def _run_tasks(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
-    if workers == 1 or len(tasks) <= 1:
-        yield from _run_in_process(tasks, workers)
-        return
-    # spawn: the parent has threads (tqdm, decoders) that fork would copy in an unknown state.
-    context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(
-        min(workers, len(tasks)),
-        mp_context=context,
-        initializer=init_worker,
-        initargs=(logging.getLogger().getEffectiveLevel(),),
-    )
-    try:
-        futures = [pool.submit(prepare_study, task) for task in tasks]
-        for future in as_completed(futures):
-            yield future.result()
-    except BrokenProcessPool as error:
-        raise RuntimeError(
-            f"a prepare worker died ({error}), most likely out of memory; lower prepare.workers "
-            "and run again (finished studies are kept)"
-        ) from error
-    finally:
-        # On an error or Ctrl-C, studies not yet started are cancelled instead of awaited.
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def find_segmentations(data_dir: Path) -> dict[str, Path]:
@@ -189,7 +149,7 @@ def prepare_split(
     start = time.perf_counter()
     decoded_slices = 0
     with logging_redirect_tqdm(), tqdm(total=len(tasks), desc=f"prepare {split}", unit="study") as bar:
-        for row in _run_tasks(tasks, workers):
+        for row in run_tasks(tasks, workers):
             rows.append(row)
             if row["status"] == "failed":
                 logger.warning("study %s failed: %s", row["StudyInstanceUID"], row["error"])

@@ -32,6 +32,12 @@ class StudyTask:
     studies_dir: str
     segmentation_path: str | None
     prepare: PrepareConfig
+    readers: tuple[str, ...] = ("dicomsdl", "pydicom")
+
+
+def working_marker(task: StudyTask) -> Path:
+    """Return the file that exists while a worker decodes `task`'s study and stays if the worker crashes."""
+    return Path(task.studies_dir) / f".{task.study_uid}.working"
 
 
 def report_row(
@@ -93,10 +99,23 @@ def _study_record(study: PreparedStudy, task: StudyTask) -> dict:
 
 
 def prepare_study(task: StudyTask) -> dict:
-    """Decode one study, write its .npy and then its JSON; return its report row (never the volume)."""
+    """Decode one study, write its .npy and then its JSON; return its report row (never the volume).
+
+    A marker file exists while the study is decoded. A decoder that crashes the process leaves
+    it behind, so that csfd.prepare_runner can retry that study alone.
+    """
+    marker = working_marker(task)
+    marker.touch()
+    try:
+        return _prepare_study(task)
+    finally:
+        marker.unlink(missing_ok=True)
+
+
+def _prepare_study(task: StudyTask) -> dict:
     start = time.perf_counter()
     try:
-        study = load_study(task.study_dir, task.prepare, task.segmentation_path)
+        study = load_study(task.study_dir, task.prepare, task.segmentation_path, task.readers)
     except (DicomReadError, ValueError) as error:
         return report_row(task.study_uid, task.split, "failed", error=f"{type(error).__name__}: {error}",
                           seconds=time.perf_counter() - start)

@@ -97,6 +97,7 @@ def load_study(
     study_dir: str | Path,
     prepare_config: PrepareConfig,
     segmentation_path: str | Path | None = None,
+    readers: tuple[str, ...] = ("dicomsdl", "pydicom"),
 ) -> PreparedStudy:
     """Decode one study folder into a PreparedStudy; raises DicomReadError when it cannot be read.
 
@@ -106,7 +107,9 @@ def load_study(
     `vertebra_visibility` None and sets `segmentation_error`, so the volume stays usable.
     """
     study_dir = Path(study_dir)
-    series = load_series(study_dir, transform=slice_transform(prepare_config), window=prepare_window(prepare_config))
+    series = load_series(
+        study_dir, transform=slice_transform(prepare_config), readers=readers, window=prepare_window(prepare_config)
+    )
     warnings = list(series.warnings)
     # load_series rejects a study whose slices differ in size, so one shape describes them all.
     if series.image_shape is None:

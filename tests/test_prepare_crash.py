@@ -1,0 +1,71 @@
+"""A decoder that crashes the process fails one study, not the prepare run.
+
+dicomsdl 0.109 crashes with a segmentation fault when it opens an uncompressed slice cut short
+inside its pixel data. These tests build such a file and never decode it in the pytest process.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from test_prepare import make_config, statuses, write_study
+
+from csfd.prepare import prepare_split
+
+GOOD = ("1.2.826.0.1.3680043.3001", "1.2.826.0.1.3680043.3002", "1.2.826.0.1.3680043.3003")
+DAMAGED = "1.2.826.0.1.3680043.3009"
+
+
+@pytest.fixture()
+def crash_data(tmp_path) -> Path:
+    root = tmp_path / "data"
+    for uid in GOOD:
+        write_study(root / "train_images", uid, 4)
+    write_study(root / "train_images", DAMAGED, 4)
+    path = root / "train_images" / DAMAGED / "2.dcm"
+    path.write_bytes(path.read_bytes()[:-4])  # cut 4 bytes short inside the pixel data
+    return root
+
+
+def damaged_file(data: Path) -> Path:
+    return data / "train_images" / DAMAGED / "2.dcm"
+
+
+def test_worker_crash_fails_only_its_study(tmp_path, crash_data, caplog):
+    config = make_config(tmp_path, crash_data, workers=2)
+    with caplog.at_level(logging.WARNING, logger="csfd"):
+        report = prepare_split(crash_data, config.paths.cache_dir, "train", config)
+    assert statuses(report) == {**dict.fromkeys(GOOD, "done"), DAMAGED: "failed"}
+    error = report.set_index("StudyInstanceUID").loc[DAMAGED, "error"]
+    assert str(damaged_file(crash_data)) in error
+    assert "pydicom" in error
+    assert f"study {DAMAGED}: a worker process died" in caplog.text
+    studies = Path(config.paths.cache_dir) / "train" / "studies"
+    assert not list(studies.glob(".*.working"))
+    assert sorted(path.stem for path in studies.glob("*.npy")) == sorted(GOOD)
+
+
+def test_marker_of_crashed_run_retried_alone(tmp_path, crash_data, caplog):
+    # A 1-worker run decodes in this process, where the crash would end the run and leave the
+    # marker. The next run must retry that study in a process of its own.
+    config = make_config(tmp_path, crash_data, workers=1)
+    studies = Path(config.paths.cache_dir) / "train" / "studies"
+    studies.mkdir(parents=True)
+    (studies / f".{DAMAGED}.working").touch()
+    with caplog.at_level(logging.WARNING, logger="csfd"):
+        report = prepare_split(crash_data, config.paths.cache_dir, "train", config)
+    assert statuses(report) == {**dict.fromkeys(GOOD, "done"), DAMAGED: "failed"}
+    assert str(damaged_file(crash_data)) in report.set_index("StudyInstanceUID").loc[DAMAGED, "error"]
+    assert f"study {DAMAGED} crashed a decoder in an earlier run" in caplog.text
+    assert not (studies / f".{DAMAGED}.working").exists()
+
+
+def test_repaired_study_prepared_on_rerun(tmp_path, crash_data):
+    config = make_config(tmp_path, crash_data, workers=2)
+    prepare_split(crash_data, config.paths.cache_dir, "train", config)
+    write_study(tmp_path / "fresh", DAMAGED, 4)
+    damaged_file(crash_data).write_bytes((tmp_path / "fresh" / DAMAGED / "2.dcm").read_bytes())
+    report = prepare_split(crash_data, config.paths.cache_dir, "train", config)
+    assert statuses(report) == {**dict.fromkeys(GOOD, "skipped"), DAMAGED: "done"}
