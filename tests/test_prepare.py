@@ -23,6 +23,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 import csfd
 import csfd.prepare
 import csfd.prepare_runner
+import csfd.prepare_worker
 from csfd.cache import StudyCache
 from csfd.config import ExperimentConfig
 from csfd.constants import DEFECTIVE_STUDIES, VERTEBRAE
@@ -461,6 +462,27 @@ def test_prepare_warns_of_studies_from_elsewhere(tmp_path, data_dir, caplog):
     assert statuses(report) == {NORMAL: "skipped", REVERSED: "skipped"}
     assert f"1 cached studies in {Path(config.paths.cache_dir) / 'train' / 'studies'} are not in {other / 'train_images'}" in caplog.text
     assert REVERSED in caplog.text
+
+
+def test_prepare_stale_record_not_kept(tmp_path, data_dir, monkeypatch):
+    # A run with another window killed after its .npy and before its JSON must not leave the
+    # old JSON next to the new volume, where the next run would take it as done.
+    config = make_config(tmp_path, data_dir)
+    prepare_split(data_dir, config.paths.cache_dir, "train", config, study_uids=[NORMAL])
+    expected = cached_volume(config, NORMAL)
+    other = replace(config, prepare=replace(config.prepare, window_center=40.0, window_width=80.0))
+
+    def killed(path, text):
+        raise KeyboardInterrupt("killed before the JSON")
+
+    monkeypatch.setattr(csfd.prepare_worker, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_split(data_dir, other.paths.cache_dir, "train", other, study_uids=[NORMAL])
+    monkeypatch.undo()
+    assert not np.array_equal(cached_volume(config, NORMAL), expected)
+    report = prepare_split(data_dir, config.paths.cache_dir, "train", config, study_uids=[NORMAL])
+    assert statuses(report) == {NORMAL: "done"}
+    np.testing.assert_array_equal(cached_volume(config, NORMAL), expected)
 
 
 def test_prepare_names_missing_data_folder(tmp_path, data_dir):

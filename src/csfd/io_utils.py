@@ -13,6 +13,10 @@ import numpy as np
 if TYPE_CHECKING:  # prepare workers import this module, and pandas takes 0.2 s to import
     import pandas as pd
 
+# The process umask, read once at import: os.umask can only be read by setting it.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(path: str | Path):
@@ -21,6 +25,9 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file readable by its owner only. A plain open() would follow the
+    # umask, which keeps a cache or run folder shared between users readable.
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

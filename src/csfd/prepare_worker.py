@@ -125,6 +125,9 @@ def _prepare_study(task: StudyTask) -> dict:
         return report_row(task.study_uid, task.split, "dropped", record, seconds=time.perf_counter() - start)
 
     studies = Path(task.studies_dir)
+    # An older JSON must not outlive the .npy it describes: a run killed between the two writes
+    # would otherwise leave a new volume under old settings that the next run skips as done.
+    cache.record_path(studies, task.study_uid).unlink(missing_ok=True)
     atomic_save_npy(cache.volume_path(studies, task.study_uid), study.volume)
     record["seconds"] = round(time.perf_counter() - start, 3)
     # The JSON goes last: its presence marks the study as done.
