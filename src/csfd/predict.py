@@ -84,6 +84,10 @@ class StudyPrefetcher:
 
     Each study is decoded once, for every fold and both models. depth 0 decodes in the
     caller's thread. Folders that are None (no images) are never decoded.
+
+    NOTE: decoding runs in this process. dicomsdl 0.109 still crashes the process on an
+    uncompressed slice cut short inside its pixel data, which would end the kernel. Prepare
+    isolates such crashes (csfd.prepare_runner), but prediction does not.
     """
 
     def __init__(self, folders: list[Path | None], prepare_config: PrepareConfig, depth: int) -> None:
