@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import sys
 from pathlib import Path
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
+    # A crash inside a C extension (dicomsdl on a damaged file, for one) then prints the Python
+    # stack that led to it, not only "Segmentation fault".
+    faulthandler.enable()
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as error:
