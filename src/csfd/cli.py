@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import io
 import logging
 import sys
 from pathlib import Path
@@ -241,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_faulthandler() -> None:
+    # A crash inside a C extension (dicomsdl on a damaged file, for one) then prints the Python
+    # stack that led to it, not only "Segmentation fault".
+    if faulthandler.is_enabled():
+        return
+    try:
+        faulthandler.enable()
+    except (io.UnsupportedOperation, AttributeError, ValueError):
+        pass  # stderr has no file descriptor (captured or replaced), so there is nowhere to print
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sample"]:
@@ -253,9 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    # A crash inside a C extension (dicomsdl on a damaged file, for one) then prints the Python
-    # stack that led to it, not only "Segmentation fault".
-    faulthandler.enable()
+    _enable_faulthandler()
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, ValueError) as error:
