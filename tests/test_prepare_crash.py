@@ -58,7 +58,7 @@ def test_marker_of_crashed_run_retried_alone(tmp_path, crash_data, caplog):
         report = prepare_split(crash_data, config.paths.cache_dir, "train", config)
     assert statuses(report) == {**dict.fromkeys(GOOD, "done"), DAMAGED: "failed"}
     assert str(damaged_file(crash_data)) in report.set_index("StudyInstanceUID").loc[DAMAGED, "error"]
-    assert f"study {DAMAGED} crashed a decoder in an earlier run" in caplog.text
+    assert f"study {DAMAGED} was being decoded when an earlier run stopped" in caplog.text
     assert not (studies / f".{DAMAGED}.working").exists()
 
 

@@ -101,7 +101,8 @@ def run_tasks(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
     """Yield the report row of every task as it finishes; crashed studies come back as failed rows."""
     crashed_before = [task for task in tasks if working_marker(task).exists()]
     for task in crashed_before:
-        logger.warning("study %s crashed a decoder in an earlier run; retrying it alone", task.study_uid)
+        logger.warning("study %s was being decoded when an earlier run stopped (a crash or a kill); retrying it alone",
+                       task.study_uid)
         yield run_isolated(task)
     remaining = {task.study_uid: task for task in tasks if task not in crashed_before}
 
