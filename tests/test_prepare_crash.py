@@ -69,3 +69,10 @@ def test_repaired_study_prepared_on_rerun(tmp_path, crash_data):
     damaged_file(crash_data).write_bytes((tmp_path / "fresh" / DAMAGED / "2.dcm").read_bytes())
     report = prepare_split(crash_data, config.paths.cache_dir, "train", config)
     assert statuses(report) == {**dict.fromkeys(GOOD, "skipped"), DAMAGED: "done"}
+
+
+def test_single_damaged_study_runs_in_a_worker(tmp_path, crash_data):
+    config = make_config(tmp_path, crash_data, workers=2)
+    report = prepare_split(crash_data, config.paths.cache_dir, "train", config, study_uids=[DAMAGED])
+    assert statuses(report) == {DAMAGED: "failed"}
+    assert str(damaged_file(crash_data)) in report["error"].iloc[0]

@@ -106,9 +106,10 @@ def run_tasks(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
         yield run_isolated(task)
     remaining = {task.study_uid: task for task in tasks if task not in crashed_before}
 
-    if workers == 1 or len(remaining) <= 1:
+    if workers == 1:
         yield from _run_in_process(list(remaining.values()), workers)
         return
+    # Even a single study goes to a worker process, where a decoder crash cannot end the run.
     while remaining:
         try:
             for row in _run_pool(list(remaining.values()), workers):
