@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,21 +13,16 @@ import numpy as np
 if TYPE_CHECKING:  # prepare workers import this module, and pandas takes 0.2 s to import
     import pandas as pd
 
-# The process umask, read once at import: os.umask can only be read by setting it.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
 
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    # mkstemp makes the file readable by its owner only. A plain open() would follow the
-    # umask, which keeps a cache or run folder shared between users readable.
-    os.chmod(tmp, 0o666 & ~_UMASK)
+    # Not tempfile.mkstemp, which makes the file readable by its owner only: os.open with mode
+    # 0o666 lets the umask decide, as a plain open() does, so a shared cache stays readable.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield Path(tmp)
         os.replace(tmp, path)
