@@ -6,6 +6,7 @@ these checks existed, so a regression would show as a crash of the test process.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +133,58 @@ def test_cut_j2k_codestream_raises(real_ct_dir, tmp_path):
     with pytest.raises(DicomReadError) as caught:
         read_slice(path, readers=("dicomsdl",))
     assert str(path) in str(caught.value)
+
+
+def item(value: bytes) -> bytes:
+    return b"\xfe\xff\x00\xe0" + struct.pack("<I", len(value)) + value
+
+
+def test_end_marker_across_fragments_accepted(real_ct_dir, tmp_path):
+    # A valid codestream whose last fragment is only b"\xd9\x00": the marker's FF sits in the
+    # fragment before, behind an item header.
+    from pydicom.encaps import generate_frames
+
+    dataset = pydicom.dcmread(real_ct_dir / J2K)
+    codestream = next(generate_frames(dataset.PixelData, number_of_frames=1)).rstrip(b"\x00")
+    assert len(codestream) % 2 == 1 and codestream.endswith(b"\xff\xd9")
+    codestream += b"\x00"
+    dataset.PixelData = item(b"") + item(codestream[:-2]) + item(codestream[-2:])
+    dataset["PixelData"].is_undefined_length = True
+    path = tmp_path / "1.dcm"
+    dataset.save_as(path)
+    dicom_slice = read_slice(path)
+    assert dicom_slice.reader == "dicomsdl"
+    assert dicom_slice.warnings == []
+
+
+def test_frame_header_beyond_window_goes_to_pydicom(real_ct_dir, tmp_path):
+    from pydicom.encaps import encapsulate, generate_frames
+
+    dataset = pydicom.dcmread(real_ct_dir / JPEG_LOSSLESS)
+    codestream = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    comment = b"\xff\xfe" + struct.pack(">H", 6002) + bytes(6000)  # a 6 kB COM segment after SOI
+    dataset.PixelData = encapsulate([codestream[:2] + comment + codestream[2:]])
+    path = tmp_path / "1.dcm"
+    dataset.save_as(path)
+    dicom_slice = read_slice(path)
+    assert dicom_slice.reader == "pydicom"
+    assert "no frame header in the first 4096 bytes" in dicom_slice.warnings[0]
+    np.testing.assert_array_equal(dicom_slice.hu, read_slice(real_ct_dir / JPEG_LOSSLESS).hu)
+
+
+def test_file_without_meta_header_checked(tmp_path):
+    dataset = pydicom.dcmread(write_ct(tmp_path / "full.dcm", np.zeros((32, 32))))
+    dataset.PixelData = dataset.PixelData[:1024]
+    del dataset.file_meta
+    path = tmp_path / "1.dcm"
+    pydicom.dcmwrite(path, dataset, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    with pytest.raises(PixelDataMismatch, match="PixelData has 1024 bytes"):
+        read_dicomsdl(path)
+
+
+def test_padding_under_a_row_accepted(tmp_path):
+    path = tmp_path / "1.dcm"
+    path.write_bytes(bytes(4096))
+    check_pixel_data_extent(path, "1.2.840.10008.1.2.1", 100, 32 * 32 * 2 + 2, 32, 32, 16)
+    with pytest.raises(PixelDataMismatch):
+        check_pixel_data_extent(path, "1.2.840.10008.1.2.1", 100, 32 * 33 * 2, 32, 32, 16)

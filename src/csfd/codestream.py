@@ -28,13 +28,18 @@ ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000) in little endian
 DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD) with length 0
 # Bytes read from the first fragment: JPEG tables before the frame header take a few hundred.
 HEADER_BYTES = 4096
-# Bytes read from the end of the last fragment, where the end marker sits before any padding.
-TAIL_BYTES = 8
+# Bytes read from the end of the PixelData value, before its delimiter: the end marker sits in
+# them with any padding, and with item headers when the last fragments are tiny.
+TAIL_BYTES = 32
 END_MARKER = b"\xff\xd9"  # JPEG EOI, JPEG-LS EOI and JPEG 2000 EOC share this code
 
 
 class PixelDataMismatch(ValueError):
     """The PixelData element does not fit the header, so no decoder should read it."""
+
+
+class CodestreamUnchecked(ValueError):
+    """The codestream's size could not be read, so dicomsdl should not decode it; pydicom may."""
 
 
 def check_pixel_data_extent(
@@ -50,8 +55,11 @@ def check_pixel_data_extent(
             )
     if transfer_syntax in NATIVE_SYNTAXES or transfer_syntax == DEFLATED_SYNTAX:
         expected = rows * columns * samples * bits_allocated // 8
-        # An odd length is padded with one byte to keep the element even.
-        if not expected <= length <= expected + 1:
+        # Short data makes dicomsdl read past its buffer. Extra data is read safely, but a whole
+        # row or more of it means Rows or Columns is wrong and the image would come out sheared.
+        # Less than a row is padding, such as the byte that keeps an odd length even.
+        row_bytes = max(columns * samples * bits_allocated // 8, 2)
+        if not expected <= length < expected + row_bytes:
             raise PixelDataMismatch(
                 f"PixelData has {length} bytes where Rows {rows} x Columns {columns} x BitsAllocated "
                 f"{bits_allocated} need {expected}: the header does not match the pixel data"
@@ -67,7 +75,7 @@ def fragment_edges(path: Path, offset: int, length: int) -> tuple[bytes, bytes]:
     with path.open("rb") as handle:
         handle.seek(max(offset + length - 8 - TAIL_BYTES, 0))
         tail = handle.read(TAIL_BYTES + 8)
-        tail = tail[:TAIL_BYTES] if tail[TAIL_BYTES:] == DELIMITER else b""
+        tail = _join_fragments(tail[:TAIL_BYTES]) if tail[TAIL_BYTES:] == DELIMITER else b""
         handle.seek(offset)
         head = handle.read(8)
         if len(head) < 8 or head[:4] != ITEM_TAG:
@@ -78,6 +86,14 @@ def fragment_edges(path: Path, offset: int, length: int) -> tuple[bytes, bytes]:
         if len(head) < 8 or head[:4] != ITEM_TAG:
             return b"", tail
         return handle.read(HEADER_BYTES), tail
+
+
+def _join_fragments(data: bytes) -> bytes:
+    # A frame may end in several small fragments, so that the end marker spans an item header.
+    # NOTE: the 4 bytes of the item tag can also occur in compressed data. Removing them there
+    # could hide or fake the end marker, which is why this only feeds a warning.
+    parts = data.split(ITEM_TAG)
+    return parts[0] + b"".join(part[4:] for part in parts[1:])
 
 
 def jpeg_frame_header(codestream: bytes) -> tuple[int, int, int] | None:
@@ -137,8 +153,15 @@ def check_codestream(
         warnings.append("the codestream has no end marker (FFD9), so it is likely truncated and part of the slice blank")
     header = j2k_frame_header(codestream) if is_j2k else jpeg_frame_header(codestream)
     if header is None:
-        return warnings
+        # Large APPn segments or JP2 boxes can push the frame header past the bytes read, and
+        # an unchecked size is what crashes dicomsdl, so this file goes to the next reader.
+        raise CodestreamUnchecked(
+            f"no frame header in the first {HEADER_BYTES} bytes of the codestream, so its size cannot be "
+            "checked before dicomsdl decodes it"
+        )
     code_rows, code_columns, precision = header
+    if code_rows == 0:  # JPEG allows a height of 0 with the real one in a later DNL marker
+        return warnings
     if (code_rows, code_columns) != (rows, columns):
         raise PixelDataMismatch(
             f"the codestream is {code_rows} x {code_columns} pixels but Rows x Columns are {rows} x {columns}: "

@@ -240,12 +240,13 @@ def read_dicomsdl(path: Path) -> RawFrame:
         raise ValueError("no PixelData element: the file is truncated before its pixel data or contains no image")
     header = _build_header(lambda keyword: dataset[keyword], transfer_syntax, path)
     # dicomsdl reads past its buffers when PixelData does not fit the header, so check it first.
+    # A file without a meta header has no TransferSyntaxUID, and dicomsdl reads it as Implicit
+    # VR Little Endian, as read_pydicom does.
+    syntax = transfer_syntax or str(ImplicitVRLittleEndian)
     rows, columns, bits_allocated = header["rows"], header["columns"], header["bits_allocated"]
-    check_pixel_data_extent(path, transfer_syntax, element.offset(), element.length(), rows, columns,
+    check_pixel_data_extent(path, syntax, element.offset(), element.length(), rows, columns,
                             bits_allocated, header["samples_per_pixel"])
-    codestream_warnings = check_codestream(
-        path, transfer_syntax, element.offset(), element.length(), rows, columns, bits_allocated
-    )
+    codestream_warnings = check_codestream(path, syntax, element.offset(), element.length(), rows, columns, bits_allocated)
     # storedvalue=True skips dicomsdl's own rescale, so that rescale happens once, in dicom_io.
     pixels = dataset.pixelData(index=0, storedvalue=True)
     return RawFrame(pixels=pixels, warnings=codestream_warnings, **header)
