@@ -13,6 +13,7 @@ import pytest
 from test_prepare import make_config, statuses, write_study
 
 from csfd.prepare import prepare_split
+from csfd.prepare_worker import StudyTask, prepare_study
 
 GOOD = ("1.2.826.0.1.3680043.3001", "1.2.826.0.1.3680043.3002", "1.2.826.0.1.3680043.3003")
 DAMAGED = "1.2.826.0.1.3680043.3009"
@@ -76,3 +77,22 @@ def test_single_damaged_study_runs_in_a_worker(tmp_path, crash_data):
     report = prepare_split(crash_data, config.paths.cache_dir, "train", config, study_uids=[DAMAGED])
     assert statuses(report) == {DAMAGED: "failed"}
     assert str(damaged_file(crash_data)) in report["error"].iloc[0]
+
+
+def test_stale_marker_of_done_study_removed(tmp_path, crash_data):
+    config = make_config(tmp_path, crash_data, workers=1)
+    prepare_split(crash_data, config.paths.cache_dir, "train", config, study_uids=[GOOD[0]])
+    marker = Path(config.paths.cache_dir) / "train" / "studies" / f".{GOOD[0]}.working"
+    marker.touch()  # as a run killed after the study's JSON and before the marker's removal leaves it
+    report = prepare_split(crash_data, config.paths.cache_dir, "train", config, study_uids=[GOOD[0]])
+    assert statuses(report) == {GOOD[0]: "skipped"}
+    assert not marker.exists()
+
+
+def test_prepare_study_creates_studies_folder(tmp_path, crash_data):
+    config = make_config(tmp_path, crash_data)
+    studies = tmp_path / "new" / "studies"
+    task = StudyTask(GOOD[0], str(crash_data / "train_images" / GOOD[0]), "train", str(studies), None, config.prepare)
+    assert prepare_study(task)["status"] == "done"
+    assert (studies / f"{GOOD[0]}.npy").is_file()
+    assert not list(studies.glob(".*.working"))

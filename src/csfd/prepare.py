@@ -23,7 +23,7 @@ from csfd.config import ExperimentConfig, PrepareConfig
 from csfd.io_utils import atomic_write_csv
 from csfd.hounsfield import window_to_uint8
 from csfd.prepare_runner import run_tasks
-from csfd.prepare_worker import StudyTask, prepare_study, report_row
+from csfd.prepare_worker import StudyTask, marker_path, prepare_study, report_row
 from csfd.volume import PreparedStudy, load_study, resize_keep_aspect
 
 # Other stages import the reader and the in-memory loader from here, the stage's entry point.
@@ -141,6 +141,8 @@ def prepare_split(
         record = cache.read_record(studies, uid)
         if record is not None and cache.record_matches(record, studies, prepare, segmentation_name):
             rows.append(report_row(uid, split, _cached_status(record, prepare), record))
+            # A run killed after the JSON and before the marker's removal leaves a stale marker.
+            marker_path(studies, uid).unlink(missing_ok=True)
             continue
         segmentation_path = None if segmentation is None else str(segmentation)
         tasks.append(StudyTask(uid, str(available[uid]), split, str(studies), segmentation_path, prepare))

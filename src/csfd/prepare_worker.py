@@ -35,9 +35,13 @@ class StudyTask:
     readers: tuple[str, ...] = ("dicomsdl", "pydicom")
 
 
+def marker_path(studies: Path, study_uid: str) -> Path:
+    """Return the file that exists while a worker decodes the study and stays if the worker crashes."""
+    return studies / f".{study_uid}.working"
+
+
 def working_marker(task: StudyTask) -> Path:
-    """Return the file that exists while a worker decodes `task`'s study and stays if the worker crashes."""
-    return Path(task.studies_dir) / f".{task.study_uid}.working"
+    return marker_path(Path(task.studies_dir), task.study_uid)
 
 
 def report_row(
@@ -105,6 +109,7 @@ def prepare_study(task: StudyTask) -> dict:
     it behind, so that csfd.prepare_runner can retry that study alone.
     """
     marker = working_marker(task)
+    marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
     try:
         return _prepare_study(task)
