@@ -100,6 +100,8 @@ def run_isolated(task: StudyTask) -> dict:
 def run_tasks(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
     """Yield the report row of every task as it finishes; crashed studies come back as failed rows."""
     crashed_before = [task for task in tasks if working_marker(task).exists()]
+    # NOTE: one at a time, each in a new process (about 0.4 s to start), so after a killed run
+    # this adds up to prepare.workers such starts before the pool begins.
     for task in crashed_before:
         logger.warning("study %s was being decoded when an earlier run stopped (a crash or a kill); retrying it alone",
                        task.study_uid)
