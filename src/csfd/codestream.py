@@ -16,7 +16,7 @@ from pathlib import Path
 
 NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
-JPEG2000_PREFIX = "1.2.840.10008.1.2.4.9"  # .90 to .93 (JPEG 2000, JPIP); .201 to .203 are HTJ2K
+JPEG2000_PREFIX = "1.2.840.10008.1.2.4.9"  # .90 to .95: JPEG 2000 and JPIP; .201 to .203 are HTJ2K
 HTJ2K_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"})
 JPEG_SYNTAXES = frozenset(
     {f"1.2.840.10008.1.2.4.{suffix}" for suffix in ("50", "51", "53", "55", "57", "70", "80", "81")}
