@@ -43,16 +43,15 @@ class CodestreamUnchecked(ValueError):
 
 
 def check_pixel_data_extent(
-    path: Path, transfer_syntax: str, offset: int, length: int, rows: int, columns: int, bits_allocated: int,
+    file_size: int, transfer_syntax: str, offset: int, length: int, rows: int, columns: int, bits_allocated: int,
     samples: int = 1,
 ) -> None:
     """Raise PixelDataMismatch when the element runs past the file end or, for native data, has the wrong length."""
-    if transfer_syntax != DEFLATED_SYNTAX:  # offsets of a deflated data set are in its inflated stream
-        size = path.stat().st_size
-        if offset + length > size:
-            raise PixelDataMismatch(
-                f"the file ends at byte {size} but its PixelData runs to byte {offset + length}: the file is truncated"
-            )
+    if transfer_syntax != DEFLATED_SYNTAX and offset + length > file_size:
+        # The offsets of a deflated data set count in its inflated stream, not in the file.
+        raise PixelDataMismatch(
+            f"the file ends at byte {file_size} but its PixelData runs to byte {offset + length}: the file is truncated"
+        )
     if transfer_syntax in NATIVE_SYNTAXES or transfer_syntax == DEFLATED_SYNTAX:
         expected = rows * columns * samples * bits_allocated // 8
         # Short data makes dicomsdl read past its buffer. Extra data is read safely, but a whole

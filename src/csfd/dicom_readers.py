@@ -45,6 +45,9 @@ else:
 
 logger = logging.getLogger(__name__)
 
+# Both readers raise this (a failed read, not HeaderRejected) for a data set without an image.
+NO_IMAGE = "no image found (neither Rows nor PixelData): the file is truncated or not a DICOM image"
+
 JPEG2000_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
 
 # The pydicom decoding plugin each compressed transfer syntax needs in this project.
@@ -228,7 +231,8 @@ def read_dicomsdl(path: Path) -> RawFrame:
     """Decode `path` with dicomsdl, letting its errors propagate unchanged."""
     if dicomsdl is None:
         raise RuntimeError(f"dicomsdl is not importable ({_DICOMSDL_IMPORT_ERROR})")
-    if path.stat().st_size == 0:
+    file_size = path.stat().st_size
+    if file_size == 0:
         raise ValueError("the file is empty (0 bytes)")  # dicomsdl 0.109 corrupts memory on an empty file
     dataset = dicomsdl.open(str(path))
     transfer_syntax = str(dataset.TransferSyntaxUID or "")
@@ -236,7 +240,7 @@ def read_dicomsdl(path: Path) -> RawFrame:
     if element.vr() == dicomsdl.VR.NONE:
         if dataset.getDataElement("Rows").vr() == dicomsdl.VR.NONE:
             # Not HeaderRejected: a partial read is no verdict on the file, so pydicom still tries.
-            raise ValueError("no image found (neither Rows nor PixelData): the file is truncated or not a DICOM image")
+            raise ValueError(NO_IMAGE)
         raise ValueError("no PixelData element: the file is truncated before its pixel data or contains no image")
     header = _build_header(lambda keyword: dataset[keyword], transfer_syntax, path)
     # dicomsdl reads past its buffers when PixelData does not fit the header, so check it first.
@@ -244,9 +248,9 @@ def read_dicomsdl(path: Path) -> RawFrame:
     # VR Little Endian, as read_pydicom does.
     syntax = transfer_syntax or str(ImplicitVRLittleEndian)
     rows, columns, bits_allocated = header["rows"], header["columns"], header["bits_allocated"]
-    check_pixel_data_extent(path, syntax, element.offset(), element.length(), rows, columns,
-                            bits_allocated, header["samples_per_pixel"])
-    codestream_warnings = check_codestream(path, syntax, element.offset(), element.length(), rows, columns, bits_allocated)
+    offset, length = element.offset(), element.length()
+    check_pixel_data_extent(file_size, syntax, offset, length, rows, columns, bits_allocated, header["samples_per_pixel"])
+    codestream_warnings = check_codestream(path, syntax, offset, length, rows, columns, bits_allocated)
     # storedvalue=True skips dicomsdl's own rescale, so that rescale happens once, in dicom_io.
     pixels = dataset.pixelData(index=0, storedvalue=True)
     return RawFrame(pixels=pixels, warnings=codestream_warnings, **header)
@@ -272,10 +276,7 @@ def read_pydicom(path: Path) -> RawFrame:
             # pydicom returns what it parsed before an error, often nothing for a truncated file,
             # so this is a failed read (the other reader's error is kept), not a rejected header.
             details = messages + [str(warning.message) for warning in caught]
-            raise ValueError(
-                "no image found (neither Rows nor PixelData): the file is truncated or not a DICOM image"
-                + (f" ({'; '.join(details)})" if details else "")
-            )
+            raise ValueError(NO_IMAGE + (f" ({'; '.join(details)})" if details else ""))
         file_meta = dataset.file_meta
         transfer_syntax = file_meta.get("TransferSyntaxUID")
         if transfer_syntax is None:
