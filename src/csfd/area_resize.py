@@ -1,9 +1,9 @@
 """Shrink a uint8 image to 3/4 of its size with the output of cv2.INTER_AREA, in about half its time.
 
 512 x 512 CT slices resized to the default 384 px take this path. OpenCV 4.13 runs INTER_AREA
-by integer factors on a fast path, but a 4:3 factor goes through its general path: 0.51 ms per
-512 x 512 slice on one core of an AMD EPYC, against 0.28 ms here (benchmarks/bench_prepare.py,
-results in BENCHMARKS.md).
+by integer factors on a fast path, but a 4:3 factor goes through its general path. That takes
+0.51 ms per 512 x 512 slice on one core of an AMD EPYC, and this module 0.28 ms
+(benchmarks/bench_prepare.py, results in BENCHMARKS.md).
 
 Area interpolation by 4:3 maps every 4 input pixels to 3 output pixels with fixed weights:
 (3, 1, 0, 0) / 4, (0, 2, 2, 0) / 4 and (0, 0, 1, 3) / 4. Both passes sum whole-number

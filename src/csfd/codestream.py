@@ -39,7 +39,7 @@ class PixelDataMismatch(ValueError):
 
 
 class CodestreamUnchecked(ValueError):
-    """The codestream's size could not be read, so dicomsdl should not decode it; pydicom may."""
+    """The codestream's size could not be read, so dicomsdl should not decode it, but pydicom may."""
 
 
 def check_pixel_data_extent(
@@ -149,7 +149,9 @@ def check_codestream(
     codestream, tail = fragment_edges(path, offset, length)
     warnings = []
     if tail and END_MARKER not in tail:
-        warnings.append("the codestream has no end marker (FFD9), so it is likely truncated and part of the slice blank")
+        warnings.append(
+            "the codestream has no end marker (FFD9), so it is likely truncated and part of the slice blank"
+        )
     header = j2k_frame_header(codestream) if is_j2k else jpeg_frame_header(codestream)
     if header is None:
         # Large APPn segments or JP2 boxes can push the frame header past the bytes read, and

@@ -249,7 +249,8 @@ def read_dicomsdl(path: Path) -> RawFrame:
     syntax = transfer_syntax or str(ImplicitVRLittleEndian)
     rows, columns, bits_allocated = header["rows"], header["columns"], header["bits_allocated"]
     offset, length = element.offset(), element.length()
-    check_pixel_data_extent(file_size, syntax, offset, length, rows, columns, bits_allocated, header["samples_per_pixel"])
+    samples = header["samples_per_pixel"]
+    check_pixel_data_extent(file_size, syntax, offset, length, rows, columns, bits_allocated, samples)
     codestream_warnings = check_codestream(path, syntax, offset, length, rows, columns, bits_allocated)
     # storedvalue=True skips dicomsdl's own rescale, so that rescale happens once, in dicom_io.
     pixels = dataset.pixelData(index=0, storedvalue=True)

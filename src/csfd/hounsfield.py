@@ -180,9 +180,9 @@ def window_tables(encoding: PixelEncoding, center: float, width: float) -> Windo
 def check_word_plausibility(tables: WindowTables, words: np.ndarray) -> str | None:
     """Return `check_ct_plausibility` of the HU of 16-bit `words`, without reading them all when it can.
 
-    When the HU of every word between the slice's smallest and largest word span at most
-    WRAP_JUMP_HU and stay at or below HIGH_HU, no pixel pair and no pixel can fail either check,
-    so the range alone proves the slice plausible. That covers nearly every real slice: 12-bit CT
+    Take the HU of every word between the slice's smallest and largest word. When they span at
+    most WRAP_JUMP_HU and stay at or below HIGH_HU, no pixel pair and no pixel can fail either
+    check, so the range alone proves the slice plausible. That covers nearly every real slice: 12-bit CT
     spans 4,096 HU. Signed data is ranged as int16, where air and padding sit next to zero.
     """
     values = words.view(np.int16) if tables.signed else words

@@ -29,7 +29,7 @@ from csfd.prepare_worker import StudyTask, init_worker, prepare_study, report_ro
 
 logger = logging.getLogger(__name__)
 
-# pydicom raised an exception, not a crash, on every damaged file that crashed dicomsdl 0.109 here.
+# pydicom raised an exception, not a crash, on every damaged file that crashed dicomsdl 0.109 in the tests.
 ISOLATED_READERS = ("pydicom",)
 
 
@@ -78,7 +78,7 @@ def _run_alone(task: StudyTask) -> dict | None:
 
 
 def run_isolated(task: StudyTask) -> dict:
-    """Prepare a suspect study alone, then with pydicom only if it crashes again; a third crash fails it.
+    """Prepare a suspect study alone, then with pydicom only if it crashes again. A third crash fails it.
 
     A study decoded next to the crashing one loses its worker too, so it gets its first retry
     with the usual readers.
@@ -98,7 +98,7 @@ def run_isolated(task: StudyTask) -> dict:
 
 
 def run_tasks(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
-    """Yield the report row of every task as it finishes; crashed studies come back as failed rows."""
+    """Yield the report row of every task as it finishes, with crashed studies as failed rows."""
     crashed_before = [task for task in tasks if working_marker(task).exists()]
     # NOTE: one at a time, each in a new process (about 0.4 s to start), so after a killed run
     # this adds up to prepare.workers such starts before the pool begins.

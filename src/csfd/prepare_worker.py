@@ -103,7 +103,7 @@ def _study_record(study: PreparedStudy, task: StudyTask) -> dict:
 
 
 def prepare_study(task: StudyTask) -> dict:
-    """Decode one study, write its .npy and then its JSON; return its report row (never the volume).
+    """Decode one study, write its .npy and then its JSON, and return its report row (never the volume).
 
     A marker file exists while the study is decoded. A decoder that crashes the process leaves
     it behind, so that csfd.prepare_runner can retry that study alone.
