@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 import cv2
 
+from csfd.allocator import keep_freed_memory
 from csfd.prepare_worker import StudyTask, init_worker, prepare_study, report_row, working_marker
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def _run_in_process(tasks: Sequence[StudyTask], workers: int) -> Iterator[dict]:
     # prepare.workers bounds the cores, here too: OpenCV would otherwise resize on every core.
     threads = cv2.getNumThreads()
     cv2.setNumThreads(workers)
+    # This lasts for the rest of the process, because mallopt settings cannot be read back.
+    keep_freed_memory()
     try:
         for task in tasks:
             yield prepare_study(task)

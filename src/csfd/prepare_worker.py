@@ -15,6 +15,7 @@ from pathlib import Path
 import cv2
 
 from csfd import cache
+from csfd.allocator import keep_freed_memory
 from csfd.config import PrepareConfig
 from csfd.dicom_io import DicomReadError
 from csfd.io_utils import atomic_save_npy, atomic_write_text
@@ -142,7 +143,11 @@ def _prepare_study(task: StudyTask) -> dict:
 
 
 def init_worker(log_level: int = logging.WARNING) -> None:
-    """Give a worker process one OpenCV thread (each worker is one core) and the parent's log format."""
+    """Set up a worker process: one OpenCV thread, the parent's log format, and csfd.allocator.
+
+    Each worker is one core, so OpenCV gets one thread.
+    """
     cv2.setNumThreads(1)
+    keep_freed_memory()
     # A spawned process starts with no logging set up, and its warnings would print bare.
     setup_logging(log_level)
