@@ -295,7 +295,7 @@ def test_kernel_runs_offline_in_fresh_venv(kernel_build, tiny_run, tmp_path):
     # The wheels were installed offline into the fresh environment, and csfd came from the code dataset.
     assert "Successfully installed" in log
     installed = site_packages_of(python)
-    for name in ("dicomsdl", "pydicom", "pylibjpeg", "libjpeg", "openjpeg", "rle"):
+    for name in ("dicomsdl", "imagecodecs", "pydicom", "pylibjpeg", "libjpeg", "openjpeg", "rle"):
         assert (installed / name).is_dir(), f"{name} was not installed into {installed}"
     assert f"csfd from {(input_dir / 'csfd-code' / 'csfd').resolve()}" in log
 

@@ -787,3 +787,13 @@ def test_real_segmentation_matches_native_grid(tmp_path, real_data_dir):
     assert labels["slice_number"].tolist() == native.slice_numbers.tolist()
     np.testing.assert_array_equal(labels[list(VERTEBRAE)].to_numpy(), expected)
     assert expected.sum() > 0  # the file has labels 1, 5, 6 and 7, so the check is not all zeros
+
+
+def test_worker_starts_without_pydicom_or_nibabel():
+    # Each spawned worker imports csfd.prepare_worker. pydicom (about 0.15 s) and nibabel
+    # (0.07 s) load only when a file needs the fallback reader or a study has a segmentation.
+    code = "import sys, csfd.prepare_worker; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert "csfd.prepare_worker" in loaded
+    assert "dicomsdl" in loaded
+    assert not {"pydicom", "nibabel", "pandas", "torch"} & loaded

@@ -156,6 +156,7 @@ class KernelConfig:
     # version of each is the one installed here (requirements.txt pins them).
     wheel_packages: tuple[str, ...] = (
         "dicomsdl",
+        "imagecodecs",
         "pydicom",
         "pylibjpeg",
         "pylibjpeg-libjpeg",

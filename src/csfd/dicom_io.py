@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydicom.uid import UID
 
 from csfd.dicom_readers import (
     JPEG2000_SYNTAXES,
@@ -39,6 +38,7 @@ from csfd.dicom_readers import (
     find_missing_decoders,
     read_j2k_signedness,
     read_transfer_syntax,
+    syntax_name,
 )
 from csfd.hounsfield import (
     as_16bit_words,
@@ -94,7 +94,7 @@ class DicomSlice:
     slice_thickness: float | None
     instance_number: int | None
     transfer_syntax: str  # UID
-    reader: str  # "dicomsdl" or "pydicom"
+    reader: str  # "dicomsdl", "dicomsdl+libjpeg-turbo" (JPEG Lossless pixels) or "pydicom"
     warnings: list[str] = field(default_factory=list)  # about this file, which `path` names
 
     @property
@@ -167,7 +167,7 @@ def _window_from_frame(frame: RawFrame, path: Path, window: Window) -> tuple[np.
 
 
 def _transfer_syntax_label(uid: str) -> str:
-    return f"{UID(uid).name} ({uid})" if uid else "unknown transfer syntax"
+    return f"{syntax_name(uid)} ({uid})" if uid else "unknown transfer syntax"
 
 
 def _unknown_reader(reader: str) -> ValueError:
@@ -224,7 +224,7 @@ def read_slice(
             slice_thickness=frame.slice_thickness,
             instance_number=frame.instance_number,
             transfer_syntax=frame.transfer_syntax,
-            reader=reader,
+            reader=f"{reader}+{frame.decoder}" if frame.decoder else reader,
             warnings=slice_warnings,
         )
     transfer_syntax = transfer_syntax or read_transfer_syntax(path)

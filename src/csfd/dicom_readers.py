@@ -3,6 +3,10 @@
 Each backend returns the header fields that HU conversion needs and the first frame's
 pixel data as decoded, before any sign handling or rescale. Sign handling, padding and
 rescale live in `csfd.dicom_io` so that both backends go through the same code.
+
+pydicom is imported inside the functions that use it. Importing it takes about 0.15 s, which
+each spawned prepare worker would otherwise pay at start-up, although dicomsdl reads nearly
+every file.
 """
 
 from __future__ import annotations
@@ -11,27 +15,10 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from functools import cache
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import pydicom
-from pydicom.encaps import generate_frames
-from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder
-from pydicom.uid import (
-    UID,
-    JPEG2000,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-)
 
 from csfd.codestream import check_codestream, check_pixel_data_extent
 
@@ -43,45 +30,90 @@ except ImportError as error:  # the pydicom backend still works without it
 else:
     _DICOMSDL_IMPORT_ERROR = ""
 
+try:
+    import imagecodecs
+except ImportError as error:  # dicomsdl then decodes JPEG Lossless itself
+    imagecodecs = None
+    _IMAGECODECS_IMPORT_ERROR = str(error)
+else:
+    _IMAGECODECS_IMPORT_ERROR = ""
+
+if TYPE_CHECKING:
+    import pydicom
+
 logger = logging.getLogger(__name__)
+
+# Transfer syntax UIDs (DICOM PS3.6 table A-1), as pydicom.uid names them.
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
+JPEG_BASELINE_8BIT = "1.2.840.10008.1.2.4.50"
+JPEG_EXTENDED_12BIT = "1.2.840.10008.1.2.4.51"
+JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
+JPEG_LS_NEAR_LOSSLESS = "1.2.840.10008.1.2.4.81"
+JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
+JPEG2000_ANY = "1.2.840.10008.1.2.4.91"
+RLE_LOSSLESS = "1.2.840.10008.1.2.5"
 
 # Both readers raise this (a failed read, not HeaderRejected) for a data set without an image.
 NO_IMAGE = "no image found (neither Rows nor PixelData): the file is truncated or not a DICOM image"
 
-JPEG2000_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000})
+JPEG2000_SYNTAXES = frozenset({JPEG2000_LOSSLESS, JPEG2000_ANY})
+
+# JPEG Lossless, processes 14 and 14 SV1 (most competition slices are .70). libjpeg-turbo 3,
+# through imagecodecs, decodes them to the same words as dicomsdl 0.109 in about 70% of its
+# time (BENCHMARKS.md), so read_dicomsdl hands their pixels to it when imagecodecs is installed.
+LOSSLESS_JPEG_SYNTAXES = frozenset({JPEG_LOSSLESS, JPEG_LOSSLESS_SV1})
+LIBJPEG_TURBO = "libjpeg-turbo"
 
 # The pydicom decoding plugin each compressed transfer syntax needs in this project.
 # pydicom decodes RLE itself, and pylibjpeg-rle only makes it faster.
-DECODER_PLUGINS: dict[UID, str] = {
-    JPEGBaseline8Bit: "pylibjpeg-libjpeg",
-    JPEGExtended12Bit: "pylibjpeg-libjpeg",
-    JPEGLossless: "pylibjpeg-libjpeg",
-    JPEGLosslessSV1: "pylibjpeg-libjpeg",
-    JPEGLSLossless: "pylibjpeg-libjpeg",
-    JPEGLSNearLossless: "pylibjpeg-libjpeg",
-    JPEG2000Lossless: "pylibjpeg-openjpeg",
-    JPEG2000: "pylibjpeg-openjpeg",
-    RLELossless: "pylibjpeg-rle",
+DECODER_PLUGINS: dict[str, str] = {
+    JPEG_BASELINE_8BIT: "pylibjpeg-libjpeg",
+    JPEG_EXTENDED_12BIT: "pylibjpeg-libjpeg",
+    JPEG_LOSSLESS: "pylibjpeg-libjpeg",
+    JPEG_LOSSLESS_SV1: "pylibjpeg-libjpeg",
+    JPEG_LS_LOSSLESS: "pylibjpeg-libjpeg",
+    JPEG_LS_NEAR_LOSSLESS: "pylibjpeg-libjpeg",
+    JPEG2000_LOSSLESS: "pylibjpeg-openjpeg",
+    JPEG2000_ANY: "pylibjpeg-openjpeg",
+    RLE_LOSSLESS: "pylibjpeg-rle",
 }
+
+
+def syntax_name(uid: str) -> str:
+    """pydicom's name of a transfer syntax UID ("JPEG Lossless, Non-Hierarchical, ..."), for messages."""
+    from pydicom.uid import UID
+
+    return UID(uid).name
 
 
 def find_missing_decoders() -> dict[str, str]:
     """Return {transfer syntax UID: plugin to install} for every syntax pydicom cannot decode."""
-    return {
-        str(uid): plugin
-        for uid, plugin in DECODER_PLUGINS.items()
-        if not get_decoder(uid).is_available
-    }
+    from pydicom.pixels import get_decoder
+
+    return {uid: plugin for uid, plugin in DECODER_PLUGINS.items() if not get_decoder(uid).is_available}
 
 
-_MISSING_AT_IMPORT = find_missing_decoders()
-if _MISSING_AT_IMPORT:
-    logger.warning(
-        "pydicom has no decoder for %s; files in these syntaxes can only be read by dicomsdl",
-        ", ".join(f"{UID(uid).name} (install {plugin})" for uid, plugin in _MISSING_AT_IMPORT.items()),
-    )
+@cache
+def _warn_missing_decoders() -> None:
+    """Log the syntaxes pydicom cannot decode, once per process, when pydicom first reads a file."""
+    missing = find_missing_decoders()
+    if missing:
+        logger.warning(
+            "pydicom has no decoder for %s; files in these syntaxes can only be read by dicomsdl",
+            ", ".join(f"{syntax_name(uid)} (install {plugin})" for uid, plugin in missing.items()),
+        )
+
+
 if dicomsdl is None:
     logger.warning("dicomsdl is not importable (%s); only pydicom will read DICOM", _DICOMSDL_IMPORT_ERROR)
+elif imagecodecs is None:
+    logger.warning(
+        "imagecodecs is not importable (%s); dicomsdl decodes JPEG Lossless itself, about 1.4 times slower",
+        _IMAGECODECS_IMPORT_ERROR,
+    )
 
 
 def check_decoders() -> None:
@@ -92,7 +124,7 @@ def check_decoders() -> None:
     """
     missing = find_missing_decoders()
     if missing:
-        listed = "; ".join(f"{UID(uid).name} ({uid}): install {plugin}" for uid, plugin in missing.items())
+        listed = "; ".join(f"{syntax_name(uid)} ({uid}): install {plugin}" for uid, plugin in missing.items())
         raise RuntimeError(f"pydicom cannot decode these transfer syntaxes: {listed}")
     if dicomsdl is None:
         raise RuntimeError(f"dicomsdl is not importable ({_DICOMSDL_IMPORT_ERROR}): pip install dicomsdl")
@@ -136,6 +168,7 @@ class RawFrame:
     instance_number: int | None
     modality: str
     warnings: list[str]
+    decoder: str = ""  # the library that decoded the pixels when it is not the reader itself
 
     @property
     def encoding(self) -> PixelEncoding:
@@ -227,8 +260,12 @@ def _build_header(get: Callable[[str], Any], transfer_syntax: str, path: Path) -
     return header
 
 
-def read_dicomsdl(path: Path) -> RawFrame:
-    """Decode `path` with dicomsdl, letting its errors propagate unchanged."""
+def read_dicomsdl(path: Path, lossless_jpeg: str = LIBJPEG_TURBO) -> RawFrame:
+    """Decode `path` with dicomsdl, letting its errors propagate unchanged.
+
+    JPEG Lossless pixels go to libjpeg-turbo when `lossless_jpeg` names it and imagecodecs is
+    installed. With "dicomsdl", dicomsdl decodes them too, which the parity tests compare.
+    """
     if dicomsdl is None:
         raise RuntimeError(f"dicomsdl is not importable ({_DICOMSDL_IMPORT_ERROR})")
     file_size = path.stat().st_size
@@ -246,18 +283,29 @@ def read_dicomsdl(path: Path) -> RawFrame:
     # dicomsdl reads past its buffers when PixelData does not fit the header, so check it first.
     # A file without a meta header has no TransferSyntaxUID, and dicomsdl reads it as Implicit
     # VR Little Endian, as read_pydicom does.
-    syntax = transfer_syntax or str(ImplicitVRLittleEndian)
+    syntax = transfer_syntax or IMPLICIT_VR_LITTLE_ENDIAN
     rows, columns, bits_allocated = header["rows"], header["columns"], header["bits_allocated"]
     offset, length = element.offset(), element.length()
     samples = header["samples_per_pixel"]
     check_pixel_data_extent(file_size, syntax, offset, length, rows, columns, bits_allocated, samples)
     codestream_warnings = check_codestream(path, syntax, offset, length, rows, columns, bits_allocated)
+    if lossless_jpeg == LIBJPEG_TURBO and imagecodecs is not None and syntax in LOSSLESS_JPEG_SYNTAXES:
+        # encodedFrameData joins the frame's fragments; libjpeg-turbo returns the words unscaled.
+        codestream = element.toPixelSequence().encodedFrameData(0)
+        try:
+            pixels = imagecodecs.jpeg8_decode(codestream)
+        except imagecodecs.Jpeg8Error as error:
+            raise ValueError(f"{LIBJPEG_TURBO} cannot decode the JPEG Lossless frame: {error}") from error
+        return RawFrame(pixels=pixels, warnings=codestream_warnings, decoder=LIBJPEG_TURBO, **header)
     # storedvalue=True skips dicomsdl's own rescale, so that rescale happens once, in dicom_io.
     pixels = dataset.pixelData(index=0, storedvalue=True)
     return RawFrame(pixels=pixels, warnings=codestream_warnings, **header)
 
 
 def _read_pydicom_dataset(path: Path, messages: list[str]) -> pydicom.Dataset:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     try:
         return pydicom.dcmread(path)
     except InvalidDicomError as error:
@@ -267,6 +315,10 @@ def _read_pydicom_dataset(path: Path, messages: list[str]) -> pydicom.Dataset:
 
 def read_pydicom(path: Path) -> RawFrame:
     """Decode `path` with pydicom and its plugins; pydicom's own warnings go into RawFrame.warnings."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    _warn_missing_decoders()
     messages: list[str] = []
     # NOTE: catch_warnings changes process-wide state and is not thread-safe. Run parallel
     # reads in processes, not threads, or the warnings of one read may land in another.
@@ -291,7 +343,7 @@ def read_pydicom(path: Path) -> RawFrame:
         header = _build_header(dataset.get, str(transfer_syntax), path)
         decoder = get_decoder(transfer_syntax)
         if not decoder.is_available:
-            plugin = DECODER_PLUGINS.get(UID(transfer_syntax), "a decoding plugin")
+            plugin = DECODER_PLUGINS.get(str(transfer_syntax), "a decoding plugin")
             raise RuntimeError(f"pydicom has no decoder for {UID(transfer_syntax).name}: install {plugin}")
         pixels = dataset.pixel_array
     messages.extend(f"pydicom: {warning.message}" for warning in caught)
@@ -303,6 +355,8 @@ READERS: dict[str, Callable[[Path], RawFrame]] = {"dicomsdl": read_dicomsdl, "py
 
 def read_transfer_syntax(path: Path) -> str:
     """Return the file's TransferSyntaxUID for an error message, or "" when it cannot be read."""
+    import pydicom
+
     try:
         dataset = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception as error:  # noqa: BLE001 -- only used to word an error that is raised anyway
@@ -319,6 +373,9 @@ def read_j2k_signedness(path: Path) -> tuple[bool, int] | None:
     sign and its low 7 bits are precision - 1. A JP2 file wraps the codestream in boxes, so the
     marker pair is searched for. Returns None when no SIZ marker is found.
     """
+    import pydicom
+    from pydicom.encaps import generate_frames
+
     dataset = pydicom.dcmread(path, force=True)
     frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
     start = frame.find(b"\xff\x4f\xff\x51")

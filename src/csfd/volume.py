@@ -14,13 +14,11 @@ from typing import Callable
 
 import cv2
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
 
 from csfd.area_resize import is_three_quarters, shrink_three_quarters
 from csfd.config import PrepareConfig
 from csfd.constants import VERTEBRAE
 from csfd.dicom_io import DicomReadError, Window
-from csfd.segmentation import load_segmentation_aligned, vertebra_visibility
 from csfd.series import Series, load_series
 
 
@@ -142,6 +140,11 @@ def load_study(
 
 def _visibility_from_segmentation(path: Path, series: Series) -> tuple[np.ndarray | None, str]:
     """Return (n_slices, 7) C1..C7 visibility and "" on success, or None and the error message."""
+    # Imported here: nibabel takes about 0.07 s to import, and most studies have no segmentation.
+    from nibabel.filebasedimages import ImageFileError
+
+    from csfd.segmentation import load_segmentation_aligned, vertebra_visibility
+
     try:
         labels = load_segmentation_aligned(path, series)
         visibility = np.asarray(vertebra_visibility(labels), dtype=np.uint8)
