@@ -6,7 +6,8 @@ transfer syntax and its compressed pixel data unchanged (the default source is J
 SV1, 1.2.840.10008.1.2.4.70). The other set holds the same pixels decompressed to Explicit VR
 Little Endian. Then it measures, side by side in one run:
 
-- decode only: pydicom (with the pylibjpeg plugins) and dicomsdl, one process;
+- decode only: pydicom (with the pylibjpeg plugins), dicomsdl, and for JPEG Lossless the
+  libjpeg-turbo decoder (imagecodecs) that read_slice uses for it, one process;
 - csfd.dicom_io.read_slice per reader, and read_slice + window + resize (the per-slice work
   of the prepare stage);
 - the prepare stage end to end (prepare_split: decode, HU, window, resize, order, store)
@@ -20,7 +21,6 @@ Run with `make bench-prepare` or `python -m benchmarks.bench_prepare --help`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -45,6 +45,7 @@ from benchmarks.common import (
     wait_for_quiet_machine,
     write_results,
 )
+from csfd.allocator import keep_freed_memory
 
 logger = logging.getLogger("benchmarks.bench_prepare")
 
@@ -86,11 +87,15 @@ def format_label(transfer_syntax) -> str:
     return f"{transfer_syntax.keyword} ({transfer_syntax})"
 
 
-def build_benchmark_data(source: Path, root: Path, n_studies: int, slices_per_study: int) -> dict[str, Path]:
+def build_benchmark_data(
+    source: Path, root: Path, n_studies: int, slices_per_study: int, uncompressed_copies: int = 1
+) -> dict[str, Path]:
     """Write the benchmark studies in the competition layout; return {format label: data folder}.
 
     The first format is the source file's own transfer syntax (pixel data copied unchanged),
-    the second the same pixels decompressed to Explicit VR Little Endian.
+    the second the same pixels decompressed to Explicit VR Little Endian. The second gets
+    `uncompressed_copies` study folders per written study, the extra ones of hard links, so
+    that its runs can last as long as the compressed ones without more disk.
     """
     import pydicom
 
@@ -112,6 +117,13 @@ def build_benchmark_data(source: Path, root: Path, n_studies: int, slices_per_st
         for study in range(n_studies):
             study_dir = data_dir / "train_images" / f"1.2.826.0.1.3680043.99.{study + 1}"
             write_study_copies(dataset, study_dir, study, slices_per_study)
+        copies = uncompressed_copies if index == 1 else 1
+        for study in range(n_studies, n_studies * copies):
+            written = data_dir / "train_images" / f"1.2.826.0.1.3680043.99.{study % n_studies + 1}"
+            linked = data_dir / "train_images" / f"1.2.826.0.1.3680043.99.{study + 1}"
+            linked.mkdir()
+            for path in written.iterdir():
+                os.link(path, linked / path.name)
         data_dirs[label] = data_dir
     return data_dirs
 
@@ -136,6 +148,22 @@ def decode_dicomsdl(path: Path) -> np.ndarray:
     return dicomsdl.open(str(path)).pixelData(storedvalue=True)
 
 
+def decode_libjpeg_turbo(path: Path) -> np.ndarray:
+    """Decode the frame's codestream, as dicomsdl reads it, with libjpeg-turbo (JPEG Lossless only)."""
+    import dicomsdl
+    import imagecodecs
+
+    dataset = dicomsdl.open(str(path))
+    return imagecodecs.jpeg8_decode(dataset.getDataElement("PixelData").toPixelSequence().encodedFrameData(0))
+
+
+def pixel_decoder(path: Path) -> str:
+    """Return the library that read_slice decodes this file's pixels with: "libjpeg-turbo" or "dicomsdl"."""
+    from csfd.dicom_readers import read_dicomsdl
+
+    return read_dicomsdl(path).decoder or "dicomsdl"
+
+
 def read_each(read: Callable[[Path], object], files: list[Path]) -> None:
     """Call `read` on every file and drop each result before the next read, as prepare does.
 
@@ -146,8 +174,8 @@ def read_each(read: Callable[[Path], object], files: list[Path]) -> None:
         read(path)
 
 
-def measure_per_slice(files: list[Path], repeats: int, names: tuple[str, ...] | None = None) -> dict[str, Timing]:
-    """Time each per-slice reader (or only those in `names`) over every file, in one process."""
+def measure_per_slice(files: list[Path], repeats: int) -> dict[str, Timing]:
+    """Time each per-slice reader over every file, in one process."""
     from csfd.config import PrepareConfig
     from csfd.dicom_io import read_slice
     from csfd.volume import prepare_window, slice_transform
@@ -157,6 +185,7 @@ def measure_per_slice(files: list[Path], repeats: int, names: tuple[str, ...] | 
     candidates = {
         "pydicom decode": decode_pydicom,
         "dicomsdl decode": decode_dicomsdl,
+        "libjpeg-turbo decode": decode_libjpeg_turbo,
         "read_slice (pydicom)": lambda path: read_slice(path, ("pydicom",)),
         "read_slice (dicomsdl)": lambda path: read_slice(path, ("dicomsdl",)),
         "read_slice (dicomsdl) + window + resize": lambda path: transform(
@@ -164,7 +193,7 @@ def measure_per_slice(files: list[Path], repeats: int, names: tuple[str, ...] | 
     }
     timings = {}
     for name, read in candidates.items():
-        if names is not None and name not in names:
+        if name == "libjpeg-turbo decode" and pixel_decoder(files[0]) != "libjpeg-turbo":
             continue
         for path in files[:8]:  # loads the decoder plugins before timing
             read(path)
@@ -219,6 +248,9 @@ def measure_prepare_steps(
     table_totals = {"plausibility check (word range, then table HU if needed)": 0.0, "lookup table to uint8": 0.0,
                     "resize to 384 (csfd resize_keep_aspect)": 0.0, "stack and store as .npy (per slice of one study)": 0.0}
     identical = True
+    turbo = pixel_decoder(files[0]) == "libjpeg-turbo"
+    if turbo:
+        from imagecodecs import jpeg8_decode as decode_codestream
     for _ in range(repeats):
         resized = []
         for path in files:
@@ -232,7 +264,10 @@ def measure_prepare_steps(
             tick("open file", totals)
             header = _build_header(lambda keyword: dataset[keyword], str(dataset.TransferSyntaxUID or ""), path)
             tick("parse header", totals)
-            pixels = dataset.pixelData(index=0, storedvalue=True)
+            if turbo:
+                pixels = decode_codestream(dataset.getDataElement("PixelData").toPixelSequence().encodedFrameData(0))
+            else:
+                pixels = dataset.pixelData(index=0, storedvalue=True)
             tick("decode pixels", totals)
             frame = RawFrame(pixels=pixels, warnings=[], **header)
             stored = to_stored_values(pixels, frame.bits_stored, frame.pixel_representation)
@@ -335,70 +370,17 @@ def hours(slices: int, rate: float) -> float:
     return slices / rate / 3600
 
 
-def measure_format(data_dir: Path, work: Path, args: argparse.Namespace, full: bool) -> dict:
-    """Measure one format's folder: per-slice rates, and prepare_split for each worker count.
-
-    `full` adds every per-slice reader and the step breakdown. Without it, only dicomsdl decode
-    and the per-slice prepare work are timed, which is all the malloc variant needs.
-    """
-    n_slices = args.studies * args.slices_per_study
+def measure_format(data_dir: Path, work: Path, args: argparse.Namespace) -> dict:
+    """Measure one format's folder: per-slice rates, the step breakdown, and prepare_split per worker count."""
     # Per-slice rates do not depend on the study layout, so a spread-out subset of files is enough.
     files = slice_files(data_dir)
+    n_slices = len(files)
     files = files[:: max(1, len(files) // args.decode_files)][: args.decode_files]
-    names = None if full else ("dicomsdl decode", "read_slice (dicomsdl) + window + resize")
-    entry = {"slices": n_slices, "per_slice": measure_per_slice(files, args.repeats, names)}
-    if full:
-        entry["steps_ms"], entry["table_ms"], entry["table_identical"] = measure_prepare_steps(files, args.repeats, work)
+    entry = {"slices": n_slices, "decoder": pixel_decoder(files[0]), "per_slice": measure_per_slice(files, args.repeats)}
+    entry["steps_ms"], entry["table_ms"], entry["table_identical"] = measure_prepare_steps(files, args.repeats, work)
     entry["prepare"] = {w: measure_prepare_split(data_dir, work, w, args.repeats, n_slices) for w in args.workers}
     entry["load_average_after"] = load_average()
     return entry
-
-
-# glibc returns freed blocks above its mmap and trim thresholds to the kernel at once, so each
-# multi-megabyte temporary of the HU conversion is page-faulted in again for the next slice.
-# Raising both thresholds keeps the memory in the process (see mallopt(3)). The environment
-# variables only take effect in a process started with them, so the variant runs in a child.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(256 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
-MALLOC_LABEL = "glibc malloc thresholds 256 MiB"
-
-
-def measure_format_in_child(data_dir: Path, work: Path, args: argparse.Namespace, env: dict[str, str]) -> dict:
-    """Run measure_format(full=False) in a new Python process with `env` added; return its result."""
-    import subprocess
-
-    command = [sys.executable, "-m", "benchmarks.bench_prepare", "--child", str(data_dir), "--child-work", str(work),
-               "--studies", str(args.studies), "--slices-per-study", str(args.slices_per_study),
-               "--decode-files", str(args.decode_files), "--repeats", str(args.repeats),
-               "--workers", *(str(w) for w in args.workers)]
-    completed = subprocess.run(command, env={**os.environ, **env}, cwd=REPO, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"the child benchmark failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
-    return decode_entry(json.loads(completed.stdout.strip().splitlines()[-1]))
-
-
-def encode_entry(entry: dict) -> dict:
-    """Turn measure_format's result into JSON-ready values (Timing -> its fields)."""
-    def timing(value: Timing) -> dict:
-        return {"items": value.items, "seconds": value.seconds}
-
-    return {
-        "slices": entry["slices"],
-        "per_slice": {name: timing(value) for name, value in entry["per_slice"].items()},
-        "prepare": {str(w): {**result, "timing": timing(result["timing"])} for w, result in entry["prepare"].items()},
-        "load_average_after": entry["load_average_after"],
-    }
-
-
-def decode_entry(data: dict) -> dict:
-    def timing(value: dict) -> Timing:
-        return Timing(value["items"], value["seconds"])
-
-    return {
-        "slices": data["slices"],
-        "per_slice": {name: timing(value) for name, value in data["per_slice"].items()},
-        "prepare": {int(w): {**result, "timing": timing(result["timing"])} for w, result in data["prepare"].items()},
-        "load_average_after": tuple(data["load_average_after"]),
-    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -411,18 +393,15 @@ def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     try:
         logger.info("writing %d studies x %d slices per format under %s", args.studies, args.slices_per_study, work)
-        data_dirs = build_benchmark_data(args.source, work, args.studies, args.slices_per_study)
+        data_dirs = build_benchmark_data(
+            args.source, work, args.studies, args.slices_per_study, args.uncompressed_copies
+        )
         formats = []
         for label, data_dir in data_dirs.items():
             syntax = label.rsplit("(", 1)[1].rstrip(")")
-            entry = measure_format(data_dir, work, args, full=True)
+            entry = measure_format(data_dir, work, args)
             formats.append({"format": label, "compressed": UID(syntax).is_compressed,
                             "pydicom_plugins": pydicom_plugins(syntax), **entry})
-        if args.malloc_variant:
-            label, data_dir = next(iter(data_dirs.items()))
-            logger.info("repeating %s in a child process with %s", label, MALLOC_ENV)
-            entry = measure_format_in_child(data_dir, work, args, MALLOC_ENV)
-            formats.append({"format": f"{label} [{MALLOC_LABEL}]", "variant": True, "compressed": True, **entry})
 
         cache_dir = work / "synthetic-cache"
         uids = build_synthetic_cache(cache_dir, args.cache_studies, args.cache_slices, 384)
@@ -443,10 +422,12 @@ def step_breakdown_rows(entry: dict) -> list[dict]:
     shared = ("open file", "parse header", "decode pixels")
     path = "HU path (read_slice without a window) + window + resize"
     for step, ms in entry["steps_ms"].items():
-        rows.append({"format": label, "path": path, "step": step, "ms/slice": ms})
+        note = entry["decoder"] if step == "decode pixels" else None
+        rows.append({"format": label, "path": path, "step": step, "ms/slice": ms, "note": note})
     path = "lookup-table path (prepare: read_slice with a window) + resize"
     for step in shared:
-        rows.append({"format": label, "path": path, "step": step, "ms/slice": entry["steps_ms"][step]})
+        note = entry["decoder"] if step == "decode pixels" else None
+        rows.append({"format": label, "path": path, "step": step, "ms/slice": entry["steps_ms"][step], "note": note})
     for step, ms in entry["table_ms"].items():
         rows.append({"format": label, "path": path, "step": step, "ms/slice": ms})
     if 1 in entry["prepare"]:
@@ -471,6 +452,11 @@ def prepare_target_rows(label: str, entry: dict) -> list[dict]:
         met = ratio >= TARGETS["prepare_vs_dicomsdl_decode"] if compressed else None
         rows.append({"format": label, "target": "prepare_split (1 process, wall) / dicomsdl decode",
                      "wanted": wanted, "measured": ratio, "met": met})
+        if "libjpeg-turbo decode" in entry["per_slice"]:
+            # Against the decoder that prepare itself uses, this shows the share of time spent decoding.
+            ratio = prepare[1]["timing"].rate / entry["per_slice"]["libjpeg-turbo decode"].rate
+            rows.append({"format": label, "target": "prepare_split (1 process, wall) / libjpeg-turbo decode",
+                         "wanted": "reference only", "measured": ratio, "met": None})
     if 1 in prepare and 2 in prepare:
         for kind, key in (("wall", None), ("in-worker", "in_worker_rate")):
             two = prepare[2]["timing"].rate if key is None else prepare[2][key]
@@ -516,7 +502,7 @@ def summarise(args, info: dict, load_before: float, formats: list[dict], cache_r
 
     projection_rows = []
     for entry in formats:
-        if entry is not formats[0] and not entry.get("variant"):
+        if entry is not formats[0]:
             continue
         for workers, result in entry["prepare"].items():
             # The fixed overhead (pool start-up, tables) comes once per run, so the in-worker
@@ -524,9 +510,11 @@ def summarise(args, info: dict, load_before: float, formats: list[dict], cache_r
             rate = result["in_worker_rate"]
             projection_rows.append({"basis": f"{entry['format']}: prepare_split in-worker rate, {workers} process(es)",
                                     "slices/s": rate, "hours for 711,601 slices": hours(COMPETITION_TRAIN_SLICES, rate)})
-    rate = formats[0]["per_slice"]["dicomsdl decode"].rate
-    projection_rows.append({"basis": f"{formats[0]['format']}: dicomsdl decode alone, 1 process",
-                            "slices/s": rate, "hours for 711,601 slices": hours(COMPETITION_TRAIN_SLICES, rate)})
+    for name in ("dicomsdl decode", "libjpeg-turbo decode"):
+        if name in formats[0]["per_slice"]:
+            rate = formats[0]["per_slice"][name].rate
+            projection_rows.append({"basis": f"{formats[0]['format']}: {name} alone, 1 process", "slices/s": rate,
+                                    "hours for 711,601 slices": hours(COMPETITION_TRAIN_SLICES, rate)})
 
     return {
         "machine": info,
@@ -565,12 +553,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
                         help="a compressed single-frame CT slice to copy (default: the real C-spine JPEG Lossless slice)")
-    # A 2-process run has a fixed cost, mostly the start-up of the spawned workers (0.57 to
-    # 0.59 s in BENCHMARKS.md), that a real prepare run of 711,601 slices spreads thin. On .70,
-    # 64 studies (8,192 slices, about 14 s with 2 processes) keep it near 4% of the wall time,
-    # and 24 studies near 11%.
+    # A 2-process run has a fixed cost, mostly the start-up of the spawned workers (0.45 to
+    # 0.49 s on .70 in BENCHMARKS.md), that a real prepare run of 711,601 slices spreads thin.
+    # On .70, 64 studies (8,192 slices, 14 to 16 s with 2 processes) keep it near 3% of the
+    # wall time.
     parser.add_argument("--studies", type=int, default=64, help="benchmark studies per format (default 64)")
     parser.add_argument("--slices-per-study", type=int, default=128, help="slices per benchmark study (default 128)")
+    # Uncompressed slices prepare about 3 times as fast as .70 ones. With as many studies, a
+    # 2-process run lasts 5 s, and the 0.3 s start-up of the spawned workers moves its ratio
+    # more than the work does.
+    parser.add_argument("--uncompressed-copies", type=int, default=3,
+                        help="uncompressed study folders per written study, the extra ones hard links (default 3)")
     parser.add_argument("--decode-files", type=int, default=128,
                         help="files per format for the per-slice measurements (default 128)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="prepare.workers values to run (default 1 2)")
@@ -582,15 +575,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="wait for a 1-minute load average below this before measuring (default 0.7)")
     parser.add_argument("--max-wait-min", type=float, default=0.0,
                         help="minutes to wait for that load at most; 0 measures at once (default 0)")
-    parser.add_argument("--no-malloc-variant", dest="malloc_variant", action="store_false",
-                        help=f"skip the repeat of the compressed format with {MALLOC_LABEL}")
     parser.add_argument("--keep", action="store_true", help="keep the temporary benchmark files")
-    # Internal: measure one prepared benchmark folder and print the result as JSON (used by the malloc variant).
-    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--child-work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=Path("output/bench"), help="folder for prepare.json and prepare.csv")
     args = parser.parse_args(argv)
-    if args.child is None and not args.source.is_file():
+    if args.uncompressed_copies < 1:
+        parser.error(f"--uncompressed-copies must be at least 1, got {args.uncompressed_copies}")
+    if not args.source.is_file():
         parser.error(f"source slice not found: {args.source}; pass a real compressed CT slice with --source")
     return args
 
@@ -602,11 +592,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("csfd").setLevel(logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")
     args = parse_args(argv)
-    # Per-core rates: the decode and step timings run on one core, as one prepare worker does.
+    # Per-core rates: the decode and step timings run on one core, as one prepare worker does,
+    # and with the allocator settings that prepare gives its processes (csfd.allocator), so that
+    # the decode-only rates and prepare are measured alike.
     cv2.setNumThreads(1)
-    if args.child is not None:
-        print(json.dumps(encode_entry(measure_format(args.child, args.child_work, args, full=False))))
-        return
+    if not keep_freed_memory():
+        logger.warning("mallopt is not available: rates are measured with the C library's default allocator")
     result = run(args)
     print_report(result)
     rows = [{"table": name, **row} for name in ("rates", "steps", "cache_reads", "targets", "projection") for row in result[name]]
