@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
     # the decode-only rates and prepare are measured alike.
     cv2.setNumThreads(1)
     if not keep_freed_memory():
-        logger.warning("mallopt is not available: rates are measured with the C library's default allocator")
+        logger.warning("mallopt did not apply csfd.allocator's settings: rates are measured with the default allocator settings")
     result = run(args)
     print_report(result)
     rows = [{"table": name, **row} for name in ("rates", "steps", "cache_reads", "targets", "projection") for row in result[name]]

@@ -6,7 +6,12 @@ these checks existed, so a regression would show as a crash of the test process.
 
 from __future__ import annotations
 
+import os
+import re
+import resource
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +44,13 @@ def codestream_of(path: Path) -> bytes:
 
 @pytest.mark.parametrize("name", [JPEG_LOSSLESS, JPEG_LS])
 def test_jpeg_frame_header_of_real_file(real_ct_dir, name):
-    assert jpeg_frame_header(codestream_of(real_ct_dir / name)) == (512, 512, 16)
+    header = jpeg_frame_header(codestream_of(real_ct_dir / name))
+    assert (header.rows, header.columns, header.precision, header.components) == (512, 512, 16, 1)
 
 
 def test_j2k_frame_header_of_real_file(real_ct_dir):
-    rows, columns, _ = j2k_frame_header(codestream_of(real_ct_dir / J2K))
-    assert (rows, columns) == (512, 512)
+    header = j2k_frame_header(codestream_of(real_ct_dir / J2K))
+    assert (header.rows, header.columns, header.components) == (512, 512, 1)
 
 
 def test_frame_header_of_other_bytes():
@@ -120,11 +126,18 @@ def cut_codestream(source: Path, path: Path) -> Path:
 
 
 def test_cut_jpeg_codestream_warns(real_ct_dir, tmp_path):
-    # libjpeg fills the missing rows and raises nothing, so only the missing end marker shows the cut.
+    # Decoders fill the missing rows and raise nothing, so only the missing end marker shows the cut.
     assert read_slice(real_ct_dir / JPEG_LOSSLESS).warnings == []
     path = cut_codestream(real_ct_dir / JPEG_LOSSLESS, tmp_path / "1.dcm")
-    warnings = read_slice(path, readers=("dicomsdl",)).warnings
-    assert any("no end marker (FFD9)" in warning for warning in warnings)
+    # dicomsdl's own decoder reads it, with the warning from the PixelData tail.
+    own = read_dicomsdl(path, lossless_jpeg="dicomsdl")
+    assert any("no end marker (FFD9)" in warning for warning in own.warnings)
+    # libjpeg-turbo's path rejects the frame, and pydicom reads it with that reason as a warning.
+    with pytest.raises(DicomReadError, match=re.escape("frame has no end marker (FFD9)")):
+        read_slice(path, readers=("dicomsdl",))
+    fallback = read_slice(path)
+    assert fallback.reader == "pydicom"
+    assert any("no end marker (FFD9)" in warning for warning in fallback.warnings)
 
 
 def test_cut_j2k_codestream_raises(real_ct_dir, tmp_path):
@@ -186,3 +199,52 @@ def test_padding_under_a_row_accepted():
     check_pixel_data_extent(4096, "1.2.840.10008.1.2.1", 100, 32 * 32 * 2 + 2, 32, 32, 16)
     with pytest.raises(PixelDataMismatch):
         check_pixel_data_extent(4096, "1.2.840.10008.1.2.1", 100, 32 * 33 * 2, 32, 32, 16)
+
+
+def test_three_components_rejected_before_decoding(real_ct_dir, tmp_path):
+    # dicomsdl 0.109 decodes a 3-component frame into a 1-sample buffer and corrupts its heap,
+    # so only libjpeg-turbo's path is called here: it would return (512, 512, 3), not crash.
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+
+    rgb = np.random.default_rng(0).integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    dataset = pydicom.dcmread(real_ct_dir / JPEG_LOSSLESS)
+    dataset.PixelData = encapsulate([imagecodecs.jpeg8_encode(rgb, lossless=True)])
+    path = tmp_path / "1.dcm"
+    dataset.save_as(path)
+    with pytest.raises(PixelDataMismatch, match="3 components but SamplesPerPixel is 1"):
+        read_dicomsdl(path)
+
+
+def limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, 3 * 2**30))
+
+
+def test_zero_height_frame_rejected_for_every_reader(real_ct_dir, tmp_path):
+    # A height of 0 (a DNL marker to follow) made pylibjpeg-libjpeg grow past 15 GB, so the
+    # read runs in a child process with 3 GiB of address space.
+    from pydicom.encaps import encapsulate, generate_frames
+
+    dataset = pydicom.dcmread(real_ct_dir / JPEG_LOSSLESS)
+    frame = bytearray(next(generate_frames(dataset.PixelData, number_of_frames=1)))
+    sof = frame.index(b"\xff\xc3")
+    frame[sof + 5 : sof + 7] = b"\x00\x00"
+    dataset.PixelData = encapsulate([bytes(frame)])
+    path = tmp_path / "1.dcm"
+    dataset.save_as(path)
+    code = (
+        "import sys\n"
+        "from csfd.dicom_io import DicomReadError, read_slice\n"
+        "try:\n"
+        "    read_slice(sys.argv[1])\n"
+        "except DicomReadError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120, preexec_fn=limit_memory,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert str(path) in result.stdout
+    assert "height of 0" in result.stdout
+    assert "pydicom:" not in result.stdout

@@ -7,6 +7,8 @@ these syntaxes, and check the fallbacks.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pydicom
 import pytest
@@ -85,6 +87,28 @@ def test_undecodable_frame_names_libjpeg_turbo(real_ct_dir, tmp_path):
     assert str(path) in message
     assert "dicomsdl: ValueError: libjpeg-turbo cannot decode the JPEG Lossless frame" in message
     assert "pydicom:" in message
+
+
+def test_offset_table_of_two_frames_rejected(real_ct_dir, tmp_path):
+    # NumberOfFrames is 1 but the Basic Offset Table starts a second frame halfway through the
+    # codestream. dicomsdl's frame 0 is then the first half, without its end marker, which
+    # libjpeg-turbo would decode with the lower rows filled by a constant.
+    dataset = pydicom.dcmread(real_ct_dir / CSPINE)
+    codestream = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    half = len(codestream) // 2 // 2 * 2
+    first, second = codestream[:half], codestream[half:] + b"\x00" * (len(codestream[half:]) % 2)
+    table = (0).to_bytes(4, "little") + (8 + len(first)).to_bytes(4, "little")
+    items = [table, first, second]
+    dataset.PixelData = b"".join(b"\xfe\xff\x00\xe0" + len(item).to_bytes(4, "little") + item for item in items)
+    dataset["PixelData"].is_undefined_length = True
+    path = tmp_path / "1.dcm"
+    dataset.save_as(path)
+    with pytest.raises(ValueError, match=re.escape("frame has no end marker (FFD9)")):
+        read_dicomsdl(path)
+    with pytest.raises(DicomReadError) as caught:
+        read_slice(path)
+    assert str(path) in str(caught.value)
+    assert "no end marker (FFD9)" in str(caught.value)
 
 
 def test_series_reports_the_decoder(real_ct_dir, tmp_path):

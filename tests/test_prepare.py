@@ -793,7 +793,9 @@ def test_worker_starts_without_pydicom_or_nibabel():
     # Each spawned worker imports csfd.prepare_worker. pydicom (about 0.15 s) and nibabel
     # (0.07 s) load only when a file needs the fallback reader or a study has a segmentation.
     code = "import sys, csfd.prepare_worker; print(' '.join(sorted(sys.modules)))"
-    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    loaded = set(result.stdout.split())
     assert "csfd.prepare_worker" in loaded
     assert "dicomsdl" in loaded
     assert not {"pydicom", "nibabel", "pandas", "torch"} & loaded

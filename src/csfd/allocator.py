@@ -25,6 +25,10 @@ M_MMAP_THRESHOLD = -3
 # Above the largest single study volume (1,000 slices of 384 x 384 uint8 is 147 MB), so that
 # study volumes too come from the heap instead of fresh mappings.
 KEEP_BYTES = 256 * 2**20
+# mallopt(3) documents 32 MiB as the largest mmap threshold on 64-bit systems. glibc 2.36
+# accepted 256 MiB here, but a glibc that applies the documented limit rejects it, and then
+# this is the threshold to ask for.
+DOCUMENTED_MAX_MMAP_THRESHOLD = 32 * 2**20
 
 
 def keep_freed_memory(threshold_bytes: int = KEEP_BYTES) -> bool:
@@ -39,7 +43,12 @@ def keep_freed_memory(threshold_bytes: int = KEEP_BYTES) -> bool:
     # mallopt returns 1 on success; musl's is a stub that returns 0. The trim threshold goes
     # first: a raised mmap threshold alone leaves the heap trimmed at every free, which gave
     # 17 times the page faults of the defaults in the same count.
-    done = mallopt(M_TRIM_THRESHOLD, threshold_bytes) == 1 and mallopt(M_MMAP_THRESHOLD, threshold_bytes) == 1
-    if not done:
-        logger.debug("mallopt rejected a %d-byte threshold; the allocator keeps its defaults", threshold_bytes)
-    return done
+    if mallopt(M_TRIM_THRESHOLD, threshold_bytes) != 1:
+        logger.debug("mallopt rejected a %d-byte trim threshold; the allocator keeps its defaults", threshold_bytes)
+        return False
+    for mmap_threshold in (threshold_bytes, min(threshold_bytes, DOCUMENTED_MAX_MMAP_THRESHOLD)):
+        if mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1:
+            return True
+    # The raised trim threshold alone still removes most of the page faults.
+    logger.debug("mallopt rejected a %d-byte mmap threshold; only the trim threshold is raised", threshold_bytes)
+    return False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 NATIVE_SYNTAXES = frozenset({"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"})
 DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"
@@ -40,6 +41,19 @@ class PixelDataMismatch(ValueError):
 
 class CodestreamUnchecked(ValueError):
     """The codestream's size could not be read, so dicomsdl should not decode it, but pydicom may."""
+
+
+class UnsupportedCodestream(ValueError):
+    """A codestream that no reader of this project decodes safely, so none should try."""
+
+
+class FrameHeader(NamedTuple):
+    """The image size that a JPEG frame header or a JPEG 2000 SIZ segment states."""
+
+    rows: int
+    columns: int
+    precision: int  # bits per sample (of component 0 for JPEG 2000)
+    components: int
 
 
 def check_pixel_data_extent(
@@ -95,8 +109,8 @@ def _join_fragments(data: bytes) -> bytes:
     return parts[0] + b"".join(part[4:] for part in parts[1:])
 
 
-def jpeg_frame_header(codestream: bytes) -> tuple[int, int, int] | None:
-    """Return (rows, columns, precision) from a JPEG or JPEG-LS frame header, or None if not found."""
+def jpeg_frame_header(codestream: bytes) -> FrameHeader | None:
+    """Return the size in a JPEG or JPEG-LS frame header (P, Y, X, Nf), or None if not found."""
     if codestream[:2] != b"\xff\xd8":
         return None
     position = 2
@@ -109,17 +123,17 @@ def jpeg_frame_header(codestream: bytes) -> tuple[int, int, int] | None:
             continue
         segment_length = struct.unpack(">H", codestream[position + 2 : position + 4])[0]
         if marker in SOF_MARKERS:
-            if position + 9 > len(codestream):
+            if position + 10 > len(codestream):
                 return None
             precision = codestream[position + 4]
             rows, columns = struct.unpack(">HH", codestream[position + 5 : position + 9])
-            return rows, columns, precision
+            return FrameHeader(rows, columns, precision, codestream[position + 9])
         position += 2 + segment_length
     return None
 
 
-def j2k_frame_header(codestream: bytes) -> tuple[int, int, int] | None:
-    """Return (rows, columns, precision of component 0) from a JPEG 2000 SIZ segment, or None if not found.
+def j2k_frame_header(codestream: bytes) -> FrameHeader | None:
+    """Return the size in a JPEG 2000 SIZ segment, or None if not found.
 
     SIZ (ISO/IEC 15444-1 A.5.1): Lsiz, Rsiz, then Xsiz, Ysiz, XOsiz, YOsiz and four tile sizes
     (4 bytes each), Csiz, and Ssiz of component 0, whose low 7 bits are precision - 1. A JP2
@@ -130,13 +144,16 @@ def j2k_frame_header(codestream: bytes) -> tuple[int, int, int] | None:
     if start < 0 or len(codestream) <= ssiz_offset:
         return None
     width, height, x_origin, y_origin = struct.unpack(">IIII", codestream[start + 8 : start + 24])
-    return height - y_origin, width - x_origin, (codestream[ssiz_offset] & 0x7F) + 1
+    components = struct.unpack(">H", codestream[ssiz_offset - 2 : ssiz_offset])[0]
+    return FrameHeader(height - y_origin, width - x_origin, (codestream[ssiz_offset] & 0x7F) + 1, components)
 
 
 def check_codestream(
-    path: Path, transfer_syntax: str, offset: int, length: int, rows: int, columns: int, bits_allocated: int
+    path: Path, transfer_syntax: str, offset: int, length: int, rows: int, columns: int, bits_allocated: int,
+    samples: int = 1,
 ) -> list[str]:
-    """Raise PixelDataMismatch when the codestream's size disagrees with Rows, Columns or BitsAllocated.
+    """Raise PixelDataMismatch when the codestream's size disagrees with Rows, Columns, BitsAllocated
+    or SamplesPerPixel, and UnsupportedCodestream for a JPEG frame of height 0.
 
     Return a warning when the codestream lacks its end marker: decoders fill the missing part
     of a truncated JPEG with a constant and raise nothing, and the slice still looks like CT.
@@ -160,9 +177,20 @@ def check_codestream(
             f"no frame header in the first {HEADER_BYTES} bytes of the codestream, so its size cannot be "
             "checked before dicomsdl decodes it"
         )
-    code_rows, code_columns, precision = header
-    if code_rows == 0:  # JPEG allows a height of 0 with the real one in a later DNL marker
-        return warnings
+    code_rows, code_columns, precision, components = header
+    if code_rows == 0:
+        # JPEG allows a height of 0 with the real one in a later DNL marker. dicomsdl 0.109 and
+        # libjpeg-turbo 3.1 reject it, and pylibjpeg-libjpeg 2.5 grew past 15 GB on such a file.
+        raise UnsupportedCodestream(
+            "the frame header gives a height of 0 (the height would follow in a DNL marker), which no reader "
+            "here decodes safely; convert the file to another transfer syntax"
+        )
+    if components != samples:
+        # dicomsdl 0.109 decodes a 3-component frame into a 1-sample buffer and corrupts its heap.
+        raise PixelDataMismatch(
+            f"the codestream has {components} components but SamplesPerPixel is {samples}: "
+            "the header does not match the pixel data"
+        )
     if (code_rows, code_columns) != (rows, columns):
         raise PixelDataMismatch(
             f"the codestream is {code_rows} x {code_columns} pixels but Rows x Columns are {rows} x {columns}: "

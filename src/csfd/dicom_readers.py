@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from csfd.codestream import check_codestream, check_pixel_data_extent
+from csfd.codestream import END_MARKER, UnsupportedCodestream, check_codestream, check_pixel_data_extent
 
 try:
     import dicomsdl
@@ -288,10 +288,20 @@ def read_dicomsdl(path: Path, lossless_jpeg: str = LIBJPEG_TURBO) -> RawFrame:
     offset, length = element.offset(), element.length()
     samples = header["samples_per_pixel"]
     check_pixel_data_extent(file_size, syntax, offset, length, rows, columns, bits_allocated, samples)
-    codestream_warnings = check_codestream(path, syntax, offset, length, rows, columns, bits_allocated)
+    try:
+        codestream_warnings = check_codestream(path, syntax, offset, length, rows, columns, bits_allocated, samples)
+    except UnsupportedCodestream as error:
+        raise HeaderRejected(f"{path}: {error}") from error
     if lossless_jpeg == LIBJPEG_TURBO and imagecodecs is not None and syntax in LOSSLESS_JPEG_SYNTAXES:
         # encodedFrameData joins the frame's fragments; libjpeg-turbo returns the words unscaled.
         codestream = element.toPixelSequence().encodedFrameData(0)
+        # Entropy-coded JPEG data cannot contain FFD9, so a frame without it is cut short, for
+        # example by a Basic Offset Table that lists more frames than NumberOfFrames. libjpeg-turbo
+        # would fill the rest with a constant and raise nothing.
+        if codestream.rfind(END_MARKER) < 0:
+            raise ValueError(
+                "the JPEG Lossless frame has no end marker (FFD9), so part of the slice is missing"
+            )
         try:
             pixels = imagecodecs.jpeg8_decode(codestream)
         except imagecodecs.Jpeg8Error as error:
