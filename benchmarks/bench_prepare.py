@@ -151,10 +151,10 @@ def decode_dicomsdl(path: Path) -> np.ndarray:
 def decode_libjpeg_turbo(path: Path) -> np.ndarray:
     """Decode the frame's codestream, as dicomsdl reads it, with libjpeg-turbo (JPEG Lossless only)."""
     import dicomsdl
-    import imagecodecs
 
-    dataset = dicomsdl.open(str(path))
-    return imagecodecs.jpeg8_decode(dataset.getDataElement("PixelData").toPixelSequence().encodedFrameData(0))
+    from csfd.dicom_readers import decode_lossless_jpeg
+
+    return decode_lossless_jpeg(dicomsdl.open(str(path)).getDataElement("PixelData"))
 
 
 def pixel_decoder(path: Path) -> str:
@@ -174,8 +174,8 @@ def read_each(read: Callable[[Path], object], files: list[Path]) -> None:
         read(path)
 
 
-def measure_per_slice(files: list[Path], repeats: int) -> dict[str, Timing]:
-    """Time each per-slice reader over every file, in one process."""
+def measure_per_slice(files: list[Path], repeats: int, decoder: str) -> dict[str, Timing]:
+    """Time each per-slice reader over every file, in one process; `decoder` is pixel_decoder's."""
     from csfd.config import PrepareConfig
     from csfd.dicom_io import read_slice
     from csfd.volume import prepare_window, slice_transform
@@ -193,7 +193,7 @@ def measure_per_slice(files: list[Path], repeats: int) -> dict[str, Timing]:
     }
     timings = {}
     for name, read in candidates.items():
-        if name == "libjpeg-turbo decode" and pixel_decoder(files[0]) != "libjpeg-turbo":
+        if name == "libjpeg-turbo decode" and decoder != "libjpeg-turbo":
             continue
         for path in files[:8]:  # loads the decoder plugins before timing
             read(path)
@@ -214,7 +214,7 @@ def pydicom_plugins(transfer_syntax: str) -> str:
 
 
 def measure_prepare_steps(
-    files: list[Path], repeats: int, store_dir: Path
+    files: list[Path], repeats: int, store_dir: Path, decoder: str
 ) -> tuple[dict[str, float], dict[str, float], bool]:
     """Return (ms per slice of each step of the HU path, of the lookup-table path, outputs equal).
 
@@ -226,7 +226,7 @@ def measure_prepare_steps(
     import dicomsdl
 
     from csfd.config import PrepareConfig
-    from csfd.dicom_readers import RawFrame, _build_header
+    from csfd.dicom_readers import RawFrame, _build_header, decode_lossless_jpeg
     from csfd.hounsfield import (
         as_16bit_words,
         check_ct_plausibility,
@@ -248,9 +248,6 @@ def measure_prepare_steps(
     table_totals = {"plausibility check (word range, then table HU if needed)": 0.0, "lookup table to uint8": 0.0,
                     "resize to 384 (csfd resize_keep_aspect)": 0.0, "stack and store as .npy (per slice of one study)": 0.0}
     identical = True
-    turbo = pixel_decoder(files[0]) == "libjpeg-turbo"
-    if turbo:
-        from imagecodecs import jpeg8_decode as decode_codestream
     for _ in range(repeats):
         resized = []
         for path in files:
@@ -264,8 +261,8 @@ def measure_prepare_steps(
             tick("open file", totals)
             header = _build_header(lambda keyword: dataset[keyword], str(dataset.TransferSyntaxUID or ""), path)
             tick("parse header", totals)
-            if turbo:
-                pixels = decode_codestream(dataset.getDataElement("PixelData").toPixelSequence().encodedFrameData(0))
+            if decoder == "libjpeg-turbo":
+                pixels = decode_lossless_jpeg(dataset.getDataElement("PixelData"))
             else:
                 pixels = dataset.pixelData(index=0, storedvalue=True)
             tick("decode pixels", totals)
@@ -376,8 +373,11 @@ def measure_format(data_dir: Path, work: Path, args: argparse.Namespace) -> dict
     files = slice_files(data_dir)
     n_slices = len(files)
     files = files[:: max(1, len(files) // args.decode_files)][: args.decode_files]
-    entry = {"slices": n_slices, "decoder": pixel_decoder(files[0]), "per_slice": measure_per_slice(files, args.repeats)}
-    entry["steps_ms"], entry["table_ms"], entry["table_identical"] = measure_prepare_steps(files, args.repeats, work)
+    decoder = pixel_decoder(files[0])
+    entry = {"slices": n_slices, "decoder": decoder, "per_slice": measure_per_slice(files, args.repeats, decoder)}
+    entry["steps_ms"], entry["table_ms"], entry["table_identical"] = measure_prepare_steps(
+        files, args.repeats, work, decoder
+    )
     entry["prepare"] = {w: measure_prepare_split(data_dir, work, w, args.repeats, n_slices) for w in args.workers}
     entry["load_average_after"] = load_average()
     return entry
@@ -553,8 +553,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE,
                         help="a compressed single-frame CT slice to copy (default: the real C-spine JPEG Lossless slice)")
-    # A 2-process run has a fixed cost, mostly the start-up of the spawned workers (0.45 to
-    # 0.49 s on .70 in BENCHMARKS.md), that a real prepare run of 711,601 slices spreads thin.
+    # A 2-process run has a fixed cost (0.45 to 0.49 s on .70 in BENCHMARKS.md, most of it the
+    # start-up of the spawned workers) that a real prepare run of 711,601 slices spreads thin.
     # On .70, 64 studies (8,192 slices, 14 to 16 s with 2 processes) keep it near 3% of the
     # wall time.
     parser.add_argument("--studies", type=int, default=64, help="benchmark studies per format (default 64)")

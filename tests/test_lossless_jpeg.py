@@ -8,6 +8,7 @@ these syntaxes, and check the fallbacks.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -30,6 +31,14 @@ LOSSLESS_JPEG_FILES = [
 CSPINE = LOSSLESS_JPEG_FILES[0]
 
 
+def save_with_pixel_data(dataset: pydicom.Dataset, pixel_data: bytes, path: Path) -> Path:
+    """Write `dataset` to `path` with `pixel_data` as its encapsulated PixelData value."""
+    dataset.PixelData = pixel_data
+    dataset["PixelData"].is_undefined_length = True
+    dataset.save_as(path)
+    return path
+
+
 def words(pixels: np.ndarray) -> np.ndarray:
     """The decoded 16-bit words, whatever signedness the decoder gave them."""
     return np.asarray(pixels).view(np.uint16)
@@ -50,10 +59,7 @@ def test_libjpeg_turbo_gives_dicomsdl_words(real_ct_dir, name):
 def test_frame_in_several_fragments(real_ct_dir, tmp_path):
     dataset = pydicom.dcmread(real_ct_dir / CSPINE)
     codestream = next(generate_frames(dataset.PixelData, number_of_frames=1))
-    dataset.PixelData = encapsulate([codestream], fragments_per_frame=5)
-    dataset["PixelData"].is_undefined_length = True
-    path = tmp_path / "1.dcm"
-    dataset.save_as(path)
+    path = save_with_pixel_data(dataset, encapsulate([codestream], fragments_per_frame=5), tmp_path / "1.dcm")
     assert len(list(pydicom.encaps.generate_fragments(dataset.PixelData))) >= 5
     split = read_slice(path)
     whole = read_slice(real_ct_dir / CSPINE)
@@ -77,10 +83,7 @@ def test_undecodable_frame_names_libjpeg_turbo(real_ct_dir, tmp_path):
     start = codestream.index(b"\xff\xc4")
     length = int.from_bytes(codestream[start + 2 : start + 4], "big")
     broken = codestream[:start] + codestream[start + 2 + length :]
-    dataset.PixelData = encapsulate([broken + b"\x00" * (len(broken) % 2)])
-    dataset["PixelData"].is_undefined_length = True
-    path = tmp_path / "1.dcm"
-    dataset.save_as(path)
+    path = save_with_pixel_data(dataset, encapsulate([broken + b"\x00" * (len(broken) % 2)]), tmp_path / "1.dcm")
     with pytest.raises(DicomReadError) as caught:
         read_slice(path)
     message = str(caught.value)
@@ -99,10 +102,8 @@ def test_offset_table_of_two_frames_rejected(real_ct_dir, tmp_path):
     first, second = codestream[:half], codestream[half:] + b"\x00" * (len(codestream[half:]) % 2)
     table = (0).to_bytes(4, "little") + (8 + len(first)).to_bytes(4, "little")
     items = [table, first, second]
-    dataset.PixelData = b"".join(b"\xfe\xff\x00\xe0" + len(item).to_bytes(4, "little") + item for item in items)
-    dataset["PixelData"].is_undefined_length = True
-    path = tmp_path / "1.dcm"
-    dataset.save_as(path)
+    pixel_data = b"".join(b"\xfe\xff\x00\xe0" + len(item).to_bytes(4, "little") + item for item in items)
+    path = save_with_pixel_data(dataset, pixel_data, tmp_path / "1.dcm")
     with pytest.raises(ValueError, match=re.escape("frame has no end marker (FFD9)")):
         read_dicomsdl(path)
     with pytest.raises(DicomReadError) as caught:

@@ -45,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 # Transfer syntax UIDs (DICOM PS3.6 table A-1), as pydicom.uid names them.
 IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
-EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
 JPEG_BASELINE_8BIT = "1.2.840.10008.1.2.4.50"
 JPEG_EXTENDED_12BIT = "1.2.840.10008.1.2.4.51"
 JPEG_LOSSLESS = "1.2.840.10008.1.2.4.57"
@@ -83,7 +82,7 @@ DECODER_PLUGINS: dict[str, str] = {
 
 
 def syntax_name(uid: str) -> str:
-    """pydicom's name of a transfer syntax UID ("JPEG Lossless, Non-Hierarchical, ..."), for messages."""
+    """Return pydicom's name of a transfer syntax UID ("JPEG Lossless, Non-Hierarchical, ...") for messages."""
     from pydicom.uid import UID
 
     return UID(uid).name
@@ -293,23 +292,30 @@ def read_dicomsdl(path: Path, lossless_jpeg: str = LIBJPEG_TURBO) -> RawFrame:
     except UnsupportedCodestream as error:
         raise HeaderRejected(f"{path}: {error}") from error
     if lossless_jpeg == LIBJPEG_TURBO and imagecodecs is not None and syntax in LOSSLESS_JPEG_SYNTAXES:
-        # encodedFrameData joins the frame's fragments; libjpeg-turbo returns the words unscaled.
-        codestream = element.toPixelSequence().encodedFrameData(0)
-        # Entropy-coded JPEG data cannot contain FFD9, so a frame without it is cut short, for
-        # example by a Basic Offset Table that lists more frames than NumberOfFrames. libjpeg-turbo
-        # would fill the rest with a constant and raise nothing.
-        if codestream.rfind(END_MARKER) < 0:
-            raise ValueError(
-                "the JPEG Lossless frame has no end marker (FFD9), so part of the slice is missing"
-            )
-        try:
-            pixels = imagecodecs.jpeg8_decode(codestream)
-        except imagecodecs.Jpeg8Error as error:
-            raise ValueError(f"{LIBJPEG_TURBO} cannot decode the JPEG Lossless frame: {error}") from error
+        pixels = decode_lossless_jpeg(element)
         return RawFrame(pixels=pixels, warnings=codestream_warnings, decoder=LIBJPEG_TURBO, **header)
     # storedvalue=True skips dicomsdl's own rescale, so that rescale happens once, in dicom_io.
     pixels = dataset.pixelData(index=0, storedvalue=True)
     return RawFrame(pixels=pixels, warnings=codestream_warnings, **header)
+
+
+def decode_lossless_jpeg(element: Any) -> np.ndarray:
+    """Decode frame 0 of a dicomsdl PixelData element in JPEG Lossless with libjpeg-turbo.
+
+    Returns the words unscaled, as dicomsdl's storedvalue=True does. Raises ValueError for a
+    frame without its end marker and for a frame that libjpeg-turbo cannot decode.
+    """
+    # encodedFrameData joins the frame's fragments.
+    codestream = element.toPixelSequence().encodedFrameData(0)
+    # Entropy-coded JPEG data cannot contain FFD9, so a frame without it is cut short, for
+    # example by a Basic Offset Table that lists more frames than NumberOfFrames. libjpeg-turbo
+    # would fill the rest with a constant and raise nothing.
+    if codestream.rfind(END_MARKER) < 0:
+        raise ValueError("the JPEG Lossless frame has no end marker (FFD9), so part of the slice is missing")
+    try:
+        return imagecodecs.jpeg8_decode(codestream)
+    except imagecodecs.Jpeg8Error as error:
+        raise ValueError(f"{LIBJPEG_TURBO} cannot decode the JPEG Lossless frame: {error}") from error
 
 
 def _read_pydicom_dataset(path: Path, messages: list[str]) -> pydicom.Dataset:
